@@ -1,0 +1,35 @@
+# `make test` creates .venv if needed, installs rmsae with all extras, and runs the tests.
+# TORCH_SPEC pins the CPU build of PyTorch that lies on disk on the project's machines; on a GPU
+# machine, set TORCH_SPEC="torch>=2.6" to take the CUDA build instead.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+SHARED_DATA := $(abspath ../shared/data)
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_VERBOSITY ?= error
+export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+export WANDB_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf),)
+export RMSAE_DATA_DIR ?= $(SHARED_DATA)
+endif
+
+.PHONY: install test benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade --quiet "$(TORCH_SPEC)" -e '.[all]'
+	touch $@
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+benchmark: install
+	$(VENV)/bin/python benchmarks/bench_scoring.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache _build

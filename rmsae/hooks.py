@@ -1,0 +1,103 @@
+"""Named hook points on transformer blocks.
+
+Layer ``L`` is the output of block ``L`` (0-based), which equals ``hidden_states[L + 1]`` of a forward
+with ``output_hidden_states=True``. Decoder blocks of recent transformers releases return a bare
+tensor and older ones (and BERT, GPT-2) a tuple whose first item is the hidden state, so every hook
+here accepts both.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+# Attribute paths of the block list, tried in order. Covers Llama, Qwen2/3, Mistral, Gemma(2/3) and
+# our LlamaForScore (``model.layers``), GPT-2 (``transformer.h``) and BERT-like encoders.
+BLOCK_PATHS = (
+    "model.layers",
+    "layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "h",
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "deberta.encoder.layer",
+    "encoder.layer",
+)
+
+BlockEdit = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """Return the list of transformer blocks of a Hugging Face model."""
+    for path in BLOCK_PATHS:
+        module: object = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return module
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == expected]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ValueError(
+        f"Cannot find the transformer blocks of {type(model).__name__}; tried {', '.join(BLOCK_PATHS)}. "
+        "Pass a model whose block list is at one of these attribute paths."
+    )
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    """Validate a block index and return it as an int."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an integer block index, got {layer!r} ({type(layer).__name__}).")
+    n_blocks = len(find_blocks(model))
+    if not 0 <= layer < n_blocks:
+        raise ValueError(f"layer {layer} is out of range: {type(model).__name__} has blocks 0 to {n_blocks - 1}.")
+    return layer
+
+
+def _block_hidden(output: object) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
+
+
+def _replace_block_hidden(output: object, hidden: torch.Tensor) -> object:
+    if isinstance(output, torch.Tensor):
+        return hidden
+    return (hidden, *output[1:])  # type: ignore[index]
+
+
+@contextmanager
+def edit_block_output(model: nn.Module, layer: int, edit: BlockEdit) -> Iterator[None]:
+    """Apply ``edit`` to the hidden state that block ``layer`` outputs, while the context is open.
+
+    ``edit`` receives the (batch, tokens, hidden) tensor and returns a replacement, or None to keep
+    it unchanged.
+    """
+    block = find_blocks(model)[check_layer(model, layer)]
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+        replacement = edit(_block_hidden(output))
+        return output if replacement is None else _replace_block_hidden(output, replacement)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def capture_block_output(model: nn.Module, layer: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the hidden state that block ``layer`` outputs; read it as ``captured["hidden"]``."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def record(hidden: torch.Tensor) -> None:
+        captured["hidden"] = hidden.detach()
+
+    with edit_block_output(model, layer, record):
+        yield captured
