@@ -45,7 +45,7 @@ _LOOKUP_CHUNK = 500
 
 @dataclass
 class CachedText:
-    """What the cache stores for one text."""
+    """Stored values for one text."""
 
     reward: float
     n_tokens: int

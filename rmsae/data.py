@@ -515,7 +515,12 @@ def load_truthfulqa(
         if not incorrect:
             report.skipped["no_incorrect_answer"] += 1
             continue
-        chosen_pool = [best] if chosen == "best" and best else (correct or ([best] if best else []))
+        if chosen == "best" and best:
+            chosen_pool = [best]
+        elif correct:
+            chosen_pool = correct
+        else:
+            chosen_pool = [best] if best else []
         if not chosen_pool:
             report.skipped["no_correct_answer"] += 1
             continue
@@ -785,8 +790,8 @@ def load_pairs(
 
     ``spec`` is ``hh-rlhf`` (harmless-base, test split), ``hh-rlhf:SUBSET[:SPLIT]``, ``truthfulqa``,
     or the path of a JSON/JSONL file. A file of perturbation records yields each case's original
-    and perturbed pair, tagged ``metadata["variant"]``; there ``limit`` counts cases (records), so
-    up to ``2 * limit`` pairs come back, and the report counts records.
+    and perturbed pair, tagged ``metadata["variant"]``. For such a file ``limit`` counts cases
+    (records), so up to ``2 * limit`` pairs come back, and the report counts records.
     """
     spec_text = str(spec)
     name, _, rest = spec_text.partition(":")

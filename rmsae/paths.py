@@ -1,4 +1,4 @@
-"""Where local data copies and the on-disk cache live."""
+"""Locations of the local data copies and of the on-disk cache."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ class ModelSpec:
         readout: ``last_token`` applies the head to the final hidden state of the last non-padding
             token; ``head`` uses the model's own classification head (encoders, which pool [CLS]).
         max_length: token budget; longer inputs lose tokens from the left of the prompt.
-        layers: the layers the paper studies for this model.
+        layers: the layers studied for this model in arXiv 2605.16339 (blocks 4, 12, 20 and 28).
     """
 
     tag: str
@@ -162,7 +162,7 @@ def spec_for_unregistered(source: str, tokenizer=None, *, revision: str | None =
     The architecture is ``score_model`` when the config names ``LlamaForScore`` or the weights hold
     ``score_head`` tensors; the readout is ``head`` for encoder families and ``last_token`` otherwise.
     The input format falls back to the tokenizer's chat template, or to ``hh`` text when there is
-    none; both fallbacks log a warning, since the model's training format is unknown.
+    none. Both fallbacks log a warning, because the model's training format is unknown.
     """
     config = _read_config(source, revision)
     architectures = config.get("architectures") or []
@@ -202,7 +202,7 @@ def _read_config(source: str, revision: str | None) -> dict:
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
-            raise FileNotFoundError(f"{path} holds no config.json; point --model at a transformers checkpoint directory.")
+            raise FileNotFoundError(f"{path} contains no config.json; point --model at a transformers checkpoint directory.")
         return json.loads(config_path.read_text())
     from transformers import AutoConfig
 

@@ -4,7 +4,8 @@ The reward of a text is read at its last non-padding token (from the attention m
 padding side) for decoder models, and from the model's own classification head for encoders.
 Activations at layer ``L`` are the output of block ``L``, captured with a forward hook, which equals
 ``hidden_states[L + 1]``. Scoring is batched over length-sorted inputs under
-``torch.inference_mode``; with a cache, a text is run through a model at most once.
+``torch.inference_mode``. With an :class:`~rmsae.cache.ActivationCache`, a text already scored with
+the same namespace is read from disk instead of being run again.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class RewardModel:
         return self.spec.max_length
 
     def cache_namespace(self) -> dict[str, Any]:
-        """What makes two runs' cached values interchangeable."""
+        """Return the settings under which two runs' cached values are interchangeable."""
         return {
             "model": self.identity,
             "input_format": self.spec.input_format,
@@ -161,8 +162,8 @@ class RewardModel:
     ) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
         """Run one padded batch; return float32 rewards (batch,) and pooled block outputs.
 
-        ``pad_to`` pads every row to at least that many tokens (the authors pad each text to the
-        length of its pair partner); it changes the work done, not the rewards.
+        ``pad_to`` pads every row to at least that many tokens, as the authors' scripts pad each
+        text to the length of its pair partner. It changes the work done, not the rewards.
         """
         layers = tuple(check_layer(self.model, layer) for layer in layers)
         pad_id = self.tokenizer.pad_token_id
@@ -370,8 +371,10 @@ def load_reward_model(
 
     torch_dtype = _TORCH_DTYPES[spec.dtype]
     verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # we report missing weights ourselves, as errors
-    transformers.utils.logging.disable_progress_bar()
+    progress_bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # missing weights are reported below, as errors
+    if progress_bars:
+        transformers.utils.logging.disable_progress_bar()
     try:
         if spec.architecture == "score_model":
             from .score_model import LlamaForScore
@@ -388,7 +391,8 @@ def load_reward_model(
             head_prefixes = ("score.", "classifier.")
     finally:
         transformers.logging.set_verbosity(verbosity)
-        transformers.utils.logging.enable_progress_bar()
+        if progress_bars:
+            transformers.utils.logging.enable_progress_bar()
 
     missing = sorted(set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())})
     missing_head = [key for key in missing if key.startswith(head_prefixes) or ".pooler." in key or key.startswith("pooler.")]
@@ -420,7 +424,7 @@ def _resolve_local(source: str, revision: str | None) -> str:
     if Path(source).expanduser().is_dir():
         return str(Path(source).expanduser().resolve())
     if Path(source).expanduser().exists():
-        raise ValueError(f"Model path {source} is a file; point at the checkpoint directory that holds config.json.")
+        raise ValueError(f"Model path {source} is a file, not a directory; pass the checkpoint directory that contains config.json.")
     from huggingface_hub import snapshot_download
 
     try:

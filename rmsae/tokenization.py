@@ -2,7 +2,7 @@
 
 Over-long inputs lose tokens from the left of the text body, after the leading special tokens
 (BOS or [CLS]), so the end of the response, where the reward is read, always survives. When the
-response alone exceeds the budget its beginning is cut too, and ``response_truncated`` says so.
+response alone exceeds the budget its beginning is cut too, and ``response_truncated`` is set.
 """
 
 from __future__ import annotations

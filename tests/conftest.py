@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("RMSAE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"

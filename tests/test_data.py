@@ -32,7 +32,7 @@ from rmsae.data import (
     parse_hh_dialogue,
 )
 
-SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA_DIR = Path(os.environ.get("RMSAE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 HH_FILE = SHARED_DATA_DIR / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 TRUTHFULQA_FILE = SHARED_DATA_DIR / "truthfulqa" / "TruthfulQA.csv"
 HH_ROWS = 2312
