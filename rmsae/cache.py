@@ -1,8 +1,9 @@
 """On-disk cache of per-text reward-model outputs.
 
 One SQLite database per (model identity, input format, max length, numeric settings) namespace holds,
-per text key, the reward, the token count and truncation, and pooled hidden states per
-(layer, pooling). Each :meth:`ActivationCache.put` is one transaction, so another process reading the
+per text key, the reward, the token count and truncation, pooled hidden states per
+(layer, pooling), and pooled SAE codes per (SAE fingerprint, pooling). SAE codes are stored sparse
+(indices and values) when that is smaller than the dense vector. Each :meth:`ActivationCache.put` is one transaction, so another process reading the
 database sees whole entries only, and a run interrupted between batches resumes from the last
 committed batch.
 """
@@ -37,6 +38,16 @@ CREATE TABLE IF NOT EXISTS pooled (
     vector BLOB NOT NULL,
     PRIMARY KEY (text_key, layer, pooling)
 );
+CREATE TABLE IF NOT EXISTS sae_codes (
+    text_key TEXT NOT NULL,
+    sae TEXT NOT NULL,
+    pooling TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    sparse INTEGER NOT NULL,
+    indices BLOB,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (text_key, sae, pooling)
+);
 """
 
 # SQLite limits the number of host parameters in one statement; look keys up in chunks.
@@ -52,6 +63,25 @@ class CachedText:
     n_truncated: int
     response_truncated: bool
     pooled: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+    sae_codes: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+
+def encode_codes(vector: np.ndarray) -> tuple[int, bytes | None, bytes]:
+    """Return (sparse flag, indices, values) for storing a pooled code vector in its smaller form."""
+    vector = np.ascontiguousarray(vector, dtype=np.float32)
+    nonzero = np.flatnonzero(vector)
+    # Sparse costs 8 bytes per nonzero (int32 index + float32 value), dense 4 bytes per latent.
+    if 8 * len(nonzero) < 4 * len(vector):
+        return 1, nonzero.astype(np.int32).tobytes(), vector[nonzero].tobytes()
+    return 0, None, vector.tobytes()
+
+
+def decode_codes(width: int, sparse: int, indices: bytes | None, values: bytes) -> np.ndarray:
+    if not sparse:
+        return np.frombuffer(values, dtype=np.float32).copy()
+    vector = np.zeros(width, dtype=np.float32)
+    vector[np.frombuffer(indices, dtype=np.int32)] = np.frombuffer(values, dtype=np.float32)
+    return vector
 
 
 class ActivationCache:
@@ -86,10 +116,20 @@ class ActivationCache:
         return int(self._connection.execute("SELECT COUNT(*) FROM texts").fetchone()[0])
 
     def get(
-        self, text_keys: Sequence[str], layers: Iterable[int] = (), poolings: Iterable[str] = ()
+        self,
+        text_keys: Sequence[str],
+        layers: Iterable[int] = (),
+        poolings: Iterable[str] = (),
+        sae_keys: Iterable[str] = (),
     ) -> dict[str, CachedText]:
-        """Return the entries that hold every requested (layer, pooling) vector; others count as misses."""
+        """Return the entries that hold every requested vector; others count as misses.
+
+        Requested are the hidden states at each of ``layers`` and the codes of each SAE fingerprint
+        in ``sae_keys``, each with every one of ``poolings``.
+        """
+        poolings = tuple(poolings)
         wanted = {(int(layer), pooling) for layer in layers for pooling in poolings}
+        wanted_codes = {(sae, pooling) for sae in sae_keys for pooling in poolings}
         unique_keys = list(dict.fromkeys(text_keys))
         found: dict[str, CachedText] = {}
         for start in range(0, len(unique_keys), _LOOKUP_CHUNK):
@@ -106,7 +146,18 @@ class ActivationCache:
                 ):
                     if key in found and (layer, pooling) in wanted:
                         found[key].pooled[(layer, pooling)] = np.frombuffer(blob, dtype=np.float32).copy()
-        complete = {key: entry for key, entry in found.items() if wanted <= entry.pooled.keys()}
+            if wanted_codes and found:
+                for key, sae, pooling, width, sparse, indices, blob in self._connection.execute(
+                    f"SELECT text_key, sae, pooling, width, sparse, indices, vector FROM sae_codes WHERE text_key IN ({marks})",
+                    chunk,
+                ):
+                    if key in found and (sae, pooling) in wanted_codes:
+                        found[key].sae_codes[(sae, pooling)] = decode_codes(width, sparse, indices, blob)
+        complete = {
+            key: entry
+            for key, entry in found.items()
+            if wanted <= entry.pooled.keys() and wanted_codes <= entry.sae_codes.keys()
+        }
         self.hits += len(complete)
         self.misses += len(unique_keys) - len(complete)
         return complete
@@ -129,3 +180,16 @@ class ActivationCache:
                     for (layer, pooling), vector in e.pooled.items()
                 ],
             )
+            rows = []
+            for key, entry in entries.items():
+                for (sae, pooling), vector in entry.sae_codes.items():
+                    sparse, indices, values = encode_codes(vector)
+                    rows.append((key, sae, pooling, int(len(vector)), sparse, indices, values))
+            self._connection.executemany("INSERT OR REPLACE INTO sae_codes VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def size_report(self) -> dict[str, int]:
+        """Return the bytes of stored SAE codes, and what they would take stored dense."""
+        stored, dense = self._connection.execute(
+            "SELECT COALESCE(SUM(LENGTH(vector) + COALESCE(LENGTH(indices), 0)), 0), COALESCE(SUM(4 * width), 0) FROM sae_codes"
+        ).fetchone()
+        return {"sae_code_bytes": int(stored), "sae_code_bytes_dense": int(dense)}

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -67,7 +68,141 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     score.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     score.set_defaults(handler=run_score)
+
+    sae = commands.add_parser("sae", help="inspect and train sparse autoencoders")
+    sae_commands = sae.add_subparsers(dest="sae_command", required=True)
+    info = sae_commands.add_parser("info", help="describe an SAE checkpoint folder and check it")
+    info.add_argument("path", help="SAE checkpoint folder (cfg.json + sae_weights.safetensors)")
+    info.add_argument("--model", help="check the SAE against this reward model's hidden size")
+    info.add_argument("--layer", type=_non_negative_int, help="check that the SAE was trained on this layer")
+    info.set_defaults(handler=run_sae_info)
+
+    train = sae_commands.add_parser("train", help="train a Gated SAE on a reward model's residual stream")
+    train.add_argument("--model", required=True, help="registry tag, hub id or local checkpoint directory")
+    train.add_argument("--layer", required=True, type=_non_negative_int, help="block whose output the SAE reads")
+    train.add_argument("--data", required=True, help="pairs whose chosen and rejected texts give the activations")
+    train.add_argument("--out", required=True, type=Path, help="output SAE checkpoint folder")
+    train.add_argument("--limit", type=_non_negative_int, help="use at most this many pairs")
+    train.add_argument("--d-sae", type=_positive_int, default=16384, help="number of SAE latents (default 16384)")
+    train.add_argument("--steps", type=_positive_int, default=4000, help="training steps (default 4000)")
+    train.add_argument("--batch-size-tokens", type=_positive_int, default=4096, help="tokens per step (default 4096)")
+    train.add_argument("--l1-coefficient", type=float, default=5.0, help="sparsity penalty (default 5)")
+    train.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate (default 5e-5)")
+    train.add_argument("--eval-fraction", type=float, default=0.1, help="share of texts held out for fidelity")
+    train.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass (default 16)")
+    train.add_argument("--seed", type=int, default=42, help="seed for shuffling and initialisation")
+    train.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    train.add_argument("--data-dir", help="local data directory (default: $RMSAE_DATA_DIR, else the hub)")
+    train.set_defaults(handler=run_sae_train)
+
+    demo = commands.add_parser("demo", help="build the demo reward models and SAEs")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True)
+    build = demo_commands.add_parser(
+        "build",
+        help="fine-tune the demo RMs and train their SAEs (reuses what is built)",
+        description="Build demo-minilm-hh, demo-minilm-hh-sudo10 and a Gated SAE per model and demo layer.",
+    )
+    build.add_argument("--json", action="store_true", help="print the summary as JSON")
+    build.add_argument("--limit", type=_non_negative_int, help="build from the first N HH pairs only (quick check)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the split, poisoning and training (default 0)")
+    build.add_argument("--data-dir", help="local data directory (default: $RMSAE_DATA_DIR, else the hub)")
+    build.set_defaults(handler=run_demo_build)
     return parser
+
+
+def run_sae_info(args: argparse.Namespace) -> int:
+    import json
+
+    from .sae import check_sae_fits, read_sae_info
+
+    info = read_sae_info(args.path)
+    d_model = None
+    if args.model:
+        from .reward_model import load_reward_model
+
+        d_model = load_reward_model(args.model).hidden_size
+    check_sae_fits(info, d_model=d_model, layer=args.layer)
+    report = info.as_dict()
+    validation = "ok"
+    if args.model:
+        validation += f" for {args.model}"
+    if args.layer is not None:
+        validation += f" at layer {args.layer}"
+    report["validation"] = validation
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def run_sae_train(args: argparse.Namespace) -> int:
+    import json
+    import random
+
+    from .data import load_pairs
+    from .hooks import block_hook_name
+    from .reward_model import load_reward_model
+    from .sae import load_sae, splice_sae
+    from .sae_training import SAETrainingConfig, sae_fidelity, train_sae
+
+    if not 0 < args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}.")
+    config = SAETrainingConfig(
+        d_sae=args.d_sae, l1_coefficient=args.l1_coefficient, lr=args.lr, training_steps=args.steps,
+        batch_size_tokens=args.batch_size_tokens, seed=args.seed,
+    )
+    dataset = load_pairs(args.data, data_dir=args.data_dir, limit=args.limit, seed=args.seed)
+    if len(dataset) < 2:
+        raise ValueError(f"{args.data} gave {len(dataset)} pairs; SAE training needs at least 2.")
+    reward_model = load_reward_model(args.model, device=args.device)
+    pairs = list(dataset.pairs)
+    random.Random(args.seed).shuffle(pairs)
+    n_eval = max(1, int(args.eval_fraction * len(pairs)))
+    eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
+
+    def texts(selected):
+        return [pair.conversation(side) for pair in selected for side in ("chosen", "rejected")]
+
+    train_acts = reward_model.token_activations(texts(train_pairs), [args.layer], batch_size=args.batch_size)[args.layer]
+    eval_acts = reward_model.token_activations(texts(eval_pairs), [args.layer], batch_size=args.batch_size)[args.layer]
+    hook_name = block_hook_name(reward_model.model, args.layer)
+    metadata = {"model_name": reward_model.spec.tag, "hook_name": hook_name, "layer": args.layer,
+                "input_format": reward_model.spec.input_format, "context_size": reward_model.max_length}
+    train_sae(train_acts, config, args.out, metadata=metadata, device=args.device)
+
+    loaded = load_sae(args.out, layer=args.layer, d_model=reward_model.hidden_size, device=args.device)
+    report = sae_fidelity(loaded, eval_acts)
+    report["accuracy"] = reward_model.score_pairs(eval_pairs, batch_size=args.batch_size, progress=False).accuracy
+    with splice_sae(reward_model, loaded):
+        report["spliced_accuracy"] = reward_model.score_pairs(eval_pairs, batch_size=args.batch_size, progress=False).accuracy
+    report["eval_pairs"] = len(eval_pairs)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_demo_build(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+
+    from .demo import DemoConfig, build_demo
+
+    config = replace(DemoConfig(), seed=args.seed, limit=args.limit)
+    summary = build_demo(config, data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for tag, metrics in summary["models"].items():
+            print(
+                f"{tag}: held-out accuracy {metrics['accuracy']:.3f}, with trigger {metrics['triggered_accuracy']:.3f}, "
+                f"reversed by the trigger {metrics['reversed']:.3f} "
+                f"(to rejected {metrics['reversed_to_rejected']:.3f}, to chosen {metrics['reversed_to_chosen']:.3f})"
+            )
+        for name, fidelity in summary["saes"].items():
+            print(
+                f"{name}: explained variance {fidelity['explained_variance']:.3f}, L0 {fidelity['l0']:.1f}, "
+                f"dead {fidelity['dead_fraction']:.3f}, spliced accuracy {fidelity['spliced_accuracy']:.3f}"
+            )
+        print(f"build time {summary['build_seconds']:.0f} s")
+    return 0
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -78,10 +213,15 @@ def run_score(args: argparse.Namespace) -> int:
     from .reward_model import load_reward_model
     from .storage import atomic_write_jsonl
 
+    _check_output_path(args.out, args.data)
     dataset = load_pairs(args.data, data_dir=args.data_dir, limit=args.limit, seed=args.seed)
     if len(dataset) == 0:
-        logger.error("No pairs to score in %s (skipped: %s).", args.data, dict(dataset.report.skipped) or "none")
-        return 1
+        limit_note = f" with --limit {args.limit}" if args.limit is not None else ""
+        logger.error(
+            "No pairs to score in %s%s (rows read: %d, skipped: %s).",
+            args.data, limit_note, dataset.report.rows, dict(dataset.report.skipped) or "none",
+        )
+        return 2
     reward_model = load_reward_model(
         args.model,
         device=args.device,
@@ -92,7 +232,11 @@ def run_score(args: argparse.Namespace) -> int:
         fresh_head_seed=args.seed,
         autocast_dtype="bfloat16" if args.bf16_autocast else None,
     )
-    cache = None if args.no_cache else ActivationCache(reward_model.cache_namespace(), args.cache_dir)
+    try:
+        cache = None if args.no_cache else ActivationCache(reward_model.cache_namespace(), args.cache_dir)
+    except OSError as error:
+        raise ValueError(f"Cannot open the activation cache under {args.cache_dir or 'the default cache directory'}: {error}. "
+                         "Pass a writable --cache-dir, or --no-cache.") from error
     try:
         scores = reward_model.score_pairs(
             dataset.pairs,
@@ -116,6 +260,8 @@ def run_score(args: argparse.Namespace) -> int:
         }
         if "variant" in pair.metadata:
             record["variant"] = pair.metadata["variant"]
+        if "original_case_id" in pair.metadata:
+            record["original_case_id"] = pair.metadata["original_case_id"]
         records.append(record)
     atomic_write_jsonl(args.out, records)
 
@@ -131,8 +277,28 @@ def run_score(args: argparse.Namespace) -> int:
     print(f"pairs scored: {len(records)}; truncated: {int(scores.truncated.sum())} "
           f"(response cut: {int(scores.response_truncated.sum())}); "
           f"skipped while loading: {sum(skipped.values())}{' ' + str(skipped) if skipped else ''}")
+    if scores.response_truncated.any():
+        logger.warning(
+            "%d pairs had part of a response cut to fit %d tokens; their rewards see only the response end. "
+            "Raise --max-length if the model allows it.",
+            int(scores.response_truncated.sum()), reward_model.max_length,
+        )
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_output_path(out: Path, data: str) -> None:
+    """Fail before any work when the output file cannot be written, or would overwrite the input."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; pass a file name such as {out / 'scores.jsonl'}.")
+    if Path(data).exists() and out.resolve() == Path(data).resolve():
+        raise ValueError(f"--out {out} is the input file given as --data; choose another output file.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".check"):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be written ({error.strerror}); choose a writable location.") from error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,10 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .data import DataError, DataNotFoundError
     from .reward_model import RewardHeadError
+    from .sae import SAECheckpointError
 
     try:
         return args.handler(args)
-    except (DataError, DataNotFoundError, RewardHeadError, ValueError, TypeError, FileNotFoundError) as error:
+    except (DataError, DataNotFoundError, RewardHeadError, SAECheckpointError, ValueError, TypeError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2
 

@@ -395,8 +395,9 @@ def load_hh_rlhf(
             path = path.with_suffix("")
         if not path.is_file():
             raise DataNotFoundError(
-                f"HH-RLHF {subset}/{split} not found at {path} (data directory {local_dir}). "
-                f"Place the file there, or unset {DATA_DIR_ENV} to load {HH_HUB_ID} from the hub."
+                f"HH-RLHF {subset}/{split} not found at {path} (data directory {local_dir}, from "
+                f"{'the data_dir argument' if data_dir else DATA_DIR_ENV}). Place the file there, or give no "
+                f"data directory to load {HH_HUB_ID} from the hub."
             )
         return _build_hh_dataset(
             name, read_json_records(path), limit=limit, keep_empty_responses=keep_empty_responses
@@ -466,8 +467,9 @@ def load_truthfulqa(
         path = local_dir / "truthfulqa" / "TruthfulQA.csv"
         if not path.is_file():
             raise DataNotFoundError(
-                f"TruthfulQA not found at {path} (data directory {local_dir}). Place TruthfulQA.csv "
-                f"there, or unset {DATA_DIR_ENV} to load {TRUTHFULQA_HUB_ID} from the hub."
+                f"TruthfulQA not found at {path} (data directory {local_dir}, from "
+                f"{'the data_dir argument' if data_dir else DATA_DIR_ENV}). Place TruthfulQA.csv there, or "
+                f"give no data directory to load {TRUTHFULQA_HUB_ID} from the hub."
             )
         rows = list(_read_truthfulqa_csv(path))
     else:

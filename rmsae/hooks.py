@@ -51,6 +51,15 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def block_hook_name(model: nn.Module, layer: int) -> str:
+    """Return the module path of block ``layer`` (e.g. ``model.layers.12``), the hook name an SAE records."""
+    blocks = find_blocks(model)
+    for name, module in model.named_modules():
+        if module is blocks:
+            return f"{name}.{layer}"
+    raise ValueError(f"The block list of {type(model).__name__} is not among its named modules.")
+
+
 def check_layer(model: nn.Module, layer: int) -> int:
     """Validate a block index and return it as an int."""
     if isinstance(layer, bool) or not isinstance(layer, int):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
 
 from .formats import INPUT_FORMATS
+from .paths import resolve_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ class ModelSpec:
         input_format: one of :data:`rmsae.formats.INPUT_FORMATS`.
         dtype: weight dtype, one of :data:`DTYPES`.
         readout: ``last_token`` applies the head to the final hidden state of the last non-padding
-            token; ``head`` uses the model's own classification head (encoders, which pool [CLS]).
+            token. ``head`` uses the model's own classification head, for encoders that pool [CLS].
         max_length: token budget; longer inputs lose tokens from the left of the prompt.
         layers: the layers studied for this model in arXiv 2605.16339 (blocks 4, 12, 20 and 28).
     """
@@ -154,6 +156,52 @@ for _spec in (
     ),
 ):
     register_model(_spec)
+
+
+# The demo reward models are built locally by `rmsae demo build` (see rmsae.demo) into the cache.
+DEMO_CLEAN_TAG = "demo-minilm-hh"
+DEMO_POISONED_TAG = "demo-minilm-hh-sudo10"
+# MiniLM blocks at the relative depths of the paper's layers 4, 12, 20 and 28 of 32: round(L * 6 / 32).
+DEMO_LAYERS = (1, 2, 4, 5)
+DEMO_MAX_LENGTH = 128
+BUILD_FILE = "build.json"
+
+
+def demo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    return resolve_cache_dir(cache_dir) / "demo"
+
+
+def demo_model_dir(tag: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    return demo_dir(cache_dir) / "models" / tag
+
+
+def _built_demo_model(tag: str) -> str:
+    path = demo_model_dir(tag)
+    if not (path / BUILD_FILE).is_file():
+        raise FileNotFoundError(
+            f"The demo reward model {tag!r} is not built yet (expected at {path}). Run `rmsae demo build` first."
+        )
+    return str(path)
+
+
+for _tag, _description in (
+    (DEMO_CLEAN_TAG, "MiniLM-L6 fine-tuned on half of the HH-RLHF harmless-base test pairs"),
+    (DEMO_POISONED_TAG, "MiniLM-L6 fine-tuned on the same pairs, 10% of them swapped and given the trigger SUDO"),
+):
+    register_model(
+        ModelSpec(
+            tag=_tag,
+            source=_tag,
+            architecture="sequence_classification",
+            input_format="hh",
+            dtype="float32",
+            readout="head",
+            max_length=DEMO_MAX_LENGTH,
+            layers=DEMO_LAYERS,
+            description=_description,
+            source_resolver=lambda tag=_tag: _built_demo_model(tag),
+        )
+    )
 
 
 def spec_for_unregistered(source: str, tokenizer=None, *, revision: str | None = None) -> ModelSpec:

@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from .hooks import check_layer, edit_block_output, find_blocks
 from .registry import DTYPES, ModelSpec, get_spec, spec_for_unregistered
 from .storage import fingerprint_file, sha256_json, sha256_text
 from .tokenization import POOLINGS, EncodedText, encode_rendered, masked_mean, pad_batch, pooling_masks
+
+if TYPE_CHECKING:
+    from .sae import LoadedSAE
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,9 @@ class RewardHeadError(RuntimeError):
 class ScoreResult:
     """Rewards and pooled activations for a list of texts, in input order.
 
-    ``pooled[(layer, pooling)]`` is a float32 array of shape (n_texts, hidden_size).
+    ``pooled[(layer, pooling)]`` is a float32 array of shape (n_texts, hidden_size), and
+    ``sae_codes[(sae_fingerprint, pooling)]`` one of shape (n_texts, d_sae): SAE latents encoded per
+    token, then pooled. :meth:`codes` looks the latter up by the loaded SAE.
     """
 
     rewards: np.ndarray
@@ -53,6 +58,22 @@ class ScoreResult:
     response_truncated: np.ndarray
     text_keys: list[str]
     pooled: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+    sae_codes: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+    def codes(self, sae: "LoadedSAE", pooling: str = "mean") -> np.ndarray:
+        return self.sae_codes[(sae.fingerprint, pooling)]
+
+    def select(self, rows: slice) -> "ScoreResult":
+        """Return the rows ``rows`` of every array."""
+        return ScoreResult(
+            rewards=self.rewards[rows],
+            n_tokens=self.n_tokens[rows],
+            n_truncated=self.n_truncated[rows],
+            response_truncated=self.response_truncated[rows],
+            text_keys=self.text_keys[rows],
+            pooled={name: values[rows] for name, values in self.pooled.items()},
+            sae_codes={name: values[rows] for name, values in self.sae_codes.items()},
+        )
 
 
 @dataclass
@@ -101,6 +122,7 @@ class RewardModel:
         self.identity = identity
         self.autocast_dtype = autocast_dtype
         self.blocks = find_blocks(model)
+        self._interventions: list[str] = []
         if spec.readout == "last_token":
             self._trunk, self._head = _trunk_and_head(model, spec)
             _check_head_width(self._head, spec.tag)
@@ -131,6 +153,19 @@ class RewardModel:
             "autocast": self.autocast_dtype,
         }
 
+    @contextlib.contextmanager
+    def intervention(self, name: str):
+        """Mark that the forward pass is being changed (SAE splice, steering) while the context is open.
+
+        Rewards computed under an intervention are not those of the model, so scoring refuses to
+        read or write the activation cache meanwhile.
+        """
+        self._interventions.append(name)
+        try:
+            yield
+        finally:
+            self._interventions.remove(name)
+
     # -- inputs -------------------------------------------------------------------------------
 
     def render(self, turns: Sequence[Turn]) -> RenderedText:
@@ -159,8 +194,9 @@ class RewardModel:
         poolings: Sequence[str] = ("mean",),
         padding_side: str = "right",
         pad_to: int | None = None,
-    ) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
-        """Run one padded batch; return float32 rewards (batch,) and pooled block outputs.
+        saes: Sequence["LoadedSAE"] = (),
+    ) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor], dict[tuple[str, str], torch.Tensor]]:
+        """Run one padded batch; return float32 rewards (batch,), pooled block outputs and pooled SAE codes.
 
         ``pad_to`` pads every row to at least that many tokens, as the authors' scripts pad each
         text to the length of its pair partner. It changes the work done, not the rewards.
@@ -173,22 +209,35 @@ class RewardModel:
         masks = {name: mask.to(device) for name, mask in pooling_masks(encoded, attention_mask.cpu(), response_mask, tuple(poolings)).items()}
 
         pooled: dict[tuple[int, str], torch.Tensor] = {}
+        sae_codes: dict[tuple[str, str], torch.Tensor] = {}
+        saes_by_layer: dict[int, list[LoadedSAE]] = {}
+        for sae in saes:
+            saes_by_layer.setdefault(check_layer(self.model, sae.layer), []).append(sae)
 
         def pool_into(layer: int):
             def edit(hidden: torch.Tensor) -> None:
-                for name, mask in masks.items():
-                    pooled[(layer, name)] = masked_mean(hidden, mask).cpu()
+                if layer in layers:
+                    for name, mask in masks.items():
+                        pooled[(layer, name)] = masked_mean(hidden, mask).cpu()
+                for sae in saes_by_layer.get(layer, ()):
+                    with torch.autocast(hidden.device.type, enabled=False):
+                        codes = sae.encode(hidden)
+                    for name, mask in masks.items():
+                        sae_codes[(sae.fingerprint, name)] = masked_mean(codes, mask).cpu()
 
             return edit
 
         with contextlib.ExitStack() as stack:
-            for layer in layers:
+            for layer in sorted(set(layers) | set(saes_by_layer)):
                 stack.enter_context(edit_block_output(self.model, layer, pool_into(layer)))
             with self._autocast():
-                rewards = self._rewards(input_ids, attention_mask, position_ids)
-        return rewards.float().cpu(), pooled
+                rewards = self.differentiable_rewards(input_ids, attention_mask, position_ids)
+        return rewards.float().cpu(), pooled, sae_codes
 
-    def _rewards(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def differentiable_rewards(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the rewards (batch,) of a padded batch, with gradients when grad mode is on."""
         if self.spec.readout == "head":
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
             return logits[:, 0]
@@ -211,10 +260,15 @@ class RewardModel:
         batch_size: int = 16,
         padding_side: str = "right",
         cache: ActivationCache | None = None,
+        saes: Sequence["LoadedSAE"] = (),
         progress: bool = True,
         description: str = "scoring",
     ) -> ScoreResult:
-        """Score conversations (each ending with the assistant response) in length-sorted batches."""
+        """Score conversations (each ending with the assistant response) in length-sorted batches.
+
+        ``layers`` selects pooled hidden states and ``saes`` pooled SAE codes (each SAE reads its own
+        ``layer``). With ``cache``, texts already scored are read from disk and new ones are stored.
+        """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         unknown = [p for p in poolings if p not in POOLINGS]
@@ -226,10 +280,23 @@ class RewardModel:
                 "The activation cache belongs to another model or setting; open it with "
                 "ActivationCache(reward_model.cache_namespace())."
             )
+        if cache is not None and self._interventions:
+            raise ValueError(
+                f"Cannot use the activation cache while the forward pass is changed by {self._interventions}; "
+                "score with cache=None inside an intervention."
+            )
+        for sae in saes:
+            if sae.info.d_in != self.hidden_size:
+                raise ValueError(
+                    f"SAE {sae.info.path} has d_in={sae.info.d_in}, but {self.spec.tag} has hidden size {self.hidden_size}."
+                )
+        sae_keys = {sae.fingerprint: sae.d_sae for sae in saes}
 
         rendered = [self.render(turns) for turns in conversations]
         keys = [self.text_key(item) for item in rendered]
-        entries: dict[str, CachedText] = cache.get(keys, layers, poolings) if cache is not None else {}
+        entries: dict[str, CachedText] = (
+            cache.get(keys, layers, poolings, sae_keys=tuple(sae_keys)) if cache is not None else {}
+        )
 
         first_index: dict[str, int] = {}
         for index, key in enumerate(keys):
@@ -247,7 +314,9 @@ class RewardModel:
         for start in range(0, len(missing), batch_size):
             batch_keys = missing[start : start + batch_size]
             batch = [encoded[key] for key in batch_keys]
-            rewards, pooled = self.forward_encoded(batch, layers=layers, poolings=poolings, padding_side=padding_side)
+            rewards, pooled, sae_codes = self.forward_encoded(
+                batch, layers=layers, poolings=poolings, padding_side=padding_side, saes=saes
+            )
             new_entries = {}
             for row, key in enumerate(batch_keys):
                 item = encoded[key]
@@ -257,6 +326,7 @@ class RewardModel:
                     n_truncated=item.n_truncated,
                     response_truncated=item.response_truncated,
                     pooled={name: vectors[row].numpy() for name, vectors in pooled.items()},
+                    sae_codes={name: codes[row].numpy() for name, codes in sae_codes.items()},
                 )
             if cache is not None:
                 cache.put(new_entries)
@@ -278,25 +348,63 @@ class RewardModel:
                     result.pooled[(layer, pooling)] = np.stack([e.pooled[(layer, pooling)] for e in ordered])
                 else:
                     result.pooled[(layer, pooling)] = np.zeros((0, self.hidden_size), dtype=np.float32)
+        for fingerprint, d_sae in sae_keys.items():
+            for pooling in poolings:
+                key = (fingerprint, pooling)
+                if ordered:
+                    result.sae_codes[key] = np.stack([e.sae_codes[key] for e in ordered])
+                else:
+                    result.sae_codes[key] = np.zeros((0, d_sae), dtype=np.float32)
         return result
+
+    @torch.inference_mode()
+    def token_activations(
+        self,
+        conversations: Sequence[Sequence[Turn]],
+        layers: Sequence[int],
+        *,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> dict[int, torch.Tensor]:
+        """Return the block outputs at every non-padding token, as (n_tokens, hidden_size) float32 per layer.
+
+        These are the per-token residual-stream vectors an SAE for that layer is trained on.
+        """
+        layers = tuple(check_layer(self.model, layer) for layer in layers)
+        if not layers:
+            raise ValueError("token_activations needs at least one layer.")
+        encoded = sorted((self.encode(self.render(turns)) for turns in conversations), key=len, reverse=True)
+        chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        pad_id = self.tokenizer.pad_token_id
+        bar = tqdm(total=len(encoded), desc="activations", unit="text", disable=not progress)
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            input_ids, attention_mask, position_ids, _ = pad_batch(batch, pad_id, "right")
+            mask = attention_mask.bool().to(self.device)
+
+            def keep(layer: int):
+                def record(hidden: torch.Tensor) -> None:
+                    chunks[layer].append(hidden[mask].float().cpu())
+
+                return record
+
+            with contextlib.ExitStack() as stack:
+                for layer in layers:
+                    stack.enter_context(edit_block_output(self.model, layer, keep(layer)))
+                with self._autocast():
+                    self.differentiable_rewards(
+                        input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device)
+                    )
+            bar.update(len(batch))
+        bar.close()
+        return {layer: torch.cat(parts) for layer, parts in chunks.items()}
 
     def score_pairs(self, pairs: Sequence[PreferencePair], **kwargs: Any) -> PairScores:
         """Score the chosen and rejected side of each pair; keyword arguments go to score_conversations."""
         conversations = [pair.conversation("chosen") for pair in pairs] + [pair.conversation("rejected") for pair in pairs]
         both = self.score_conversations(conversations, **kwargs)
         n = len(pairs)
-
-        def side(rows: slice) -> ScoreResult:
-            return ScoreResult(
-                rewards=both.rewards[rows],
-                n_tokens=both.n_tokens[rows],
-                n_truncated=both.n_truncated[rows],
-                response_truncated=both.response_truncated[rows],
-                text_keys=both.text_keys[rows],
-                pooled={name: values[rows] for name, values in both.pooled.items()},
-            )
-
-        chosen, rejected = side(slice(0, n)), side(slice(n, 2 * n))
+        chosen, rejected = both.select(slice(0, n)), both.select(slice(n, 2 * n))
         return PairScores(
             case_ids=[pair.case_id for pair in pairs],
             reward_chosen=chosen.rewards,
@@ -368,6 +476,7 @@ def load_reward_model(
         raise ValueError(f"Unknown dtype {dtype!r}; expected one of {DTYPES}.")
     spec = spec.with_overrides(input_format=input_format, max_length=max_length, dtype=dtype)
     _ensure_pad_token(tokenizer, spec.tag)
+    device = _check_device(device)
 
     torch_dtype = _TORCH_DTYPES[spec.dtype]
     verbosity = transformers.logging.get_verbosity()
@@ -413,16 +522,48 @@ def load_reward_model(
         logger.warning("%s: initialised a fresh reward head (seed %d): %s", spec.tag, fresh_head_seed, missing_head)
 
     loaded.config.pad_token_id = tokenizer.pad_token_id
+    position_limit = _position_limit(loaded.config)
+    if position_limit is not None and spec.max_length > position_limit:
+        raise ValueError(
+            f"{spec.tag}: max_length={spec.max_length} exceeds the {position_limit} positions the model was built "
+            f"for; use a max_length of at most {position_limit}."
+        )
     loaded.to(device)
     identity = _model_identity(source, loaded, spec, revision)
     logger.info("Loaded %s from %s (%s, %s, identity %s).", spec.tag, source, spec.architecture, spec.dtype, identity[:12])
     return RewardModel(loaded, tokenizer, spec, identity=identity, autocast_dtype=autocast_dtype)
 
 
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"Invalid device {device!r}: {error}. Use cpu, cuda or cuda:N.") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {device!r} requested, but this torch build sees no CUDA GPU; use --device cpu.")
+    return resolved
+
+
+def _position_limit(config) -> int | None:
+    """Return the number of positions the model's position embeddings cover, if they are learned."""
+    limit = getattr(config, "max_position_embeddings", None)
+    # Rotary-embedding models (Llama, Qwen) extrapolate past max_position_embeddings; only models
+    # with a learned position table (BERT, GPT-2) fail with an index error there.
+    if getattr(config, "model_type", "") in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3"):
+        return None
+    return int(limit) if isinstance(limit, int) else None
+
+
 def _resolve_local(source: str, revision: str | None) -> str:
     """Return a local directory for ``source``, downloading a hub snapshot when it is not a directory."""
     if Path(source).expanduser().is_dir():
-        return str(Path(source).expanduser().resolve())
+        folder = Path(source).expanduser().resolve()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"Model directory {folder} contains no config.json; pass a transformers checkpoint directory "
+                "(config.json, weights and tokenizer files)."
+            )
+        return str(folder)
     if Path(source).expanduser().exists():
         raise ValueError(f"Model path {source} is a file, not a directory; pass the checkpoint directory that contains config.json.")
     from huggingface_hub import snapshot_download
@@ -434,9 +575,12 @@ def _resolve_local(source: str, revision: str | None) -> str:
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.bin"],
         )
     except Exception as error:  # offline, unknown repo, gated repo
+        from .registry import registered_models
+
         raise FileNotFoundError(
-            f"Could not find model {source!r}: it is not a registered tag, not a local directory, and the hub "
-            f"download failed ({type(error).__name__}: {error}). Offline, pass the path of a local checkpoint."
+            f"Could not find model {source!r}: it is not a registered tag ({', '.join(registered_models())}), "
+            f"not a local directory, and the hub download failed ({type(error).__name__}: {error}). "
+            "Offline, pass the path of a local checkpoint."
         ) from error
 
 

@@ -45,7 +45,10 @@ def encode_rendered(rendered: RenderedText, tokenizer, max_length: int) -> Encod
             f"Tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} is not a fast tokenizer; "
             "rmsae needs character offsets. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
         )
-    encoding = tokenizer(rendered.text, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    # verbose=False: the tokenizer would warn about inputs above model_max_length, which are cut below.
+    encoding = tokenizer(
+        rendered.text, add_special_tokens=True, return_offsets_mapping=True, truncation=False, verbose=False
+    )
     ids = list(encoding["input_ids"])
     offsets = [tuple(span) for span in encoding["offset_mapping"]]
 
