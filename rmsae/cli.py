@@ -59,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--padding-side", choices=("left", "right"), default="right", help="side to pad batches on")
     score.add_argument("--input-format", help="override the model's input format")
     score.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="override the weight dtype")
-    score.add_argument("--bf16-autocast", action="store_true", help="run the forward under bfloat16 autocast")
+    score.add_argument(
+        "--autocast",
+        choices=("model", "none", "bfloat16", "float16"),
+        default="model",
+        help="autocast dtype of the forward pass (default: the registered model's setting)",
+    )
     score.add_argument("--fresh-head", action="store_true", help="allow a checkpoint without reward-head weights")
     score.add_argument("--seed", type=int, default=0, help="seed for a fresh head and for TruthfulQA pairing")
     score.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -230,7 +235,7 @@ def run_score(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         allow_fresh_head=args.fresh_head,
         fresh_head_seed=args.seed,
-        autocast_dtype="bfloat16" if args.bf16_autocast else None,
+        autocast_dtype={"model": "spec", "none": None}.get(args.autocast, args.autocast),
     )
     try:
         cache = None if args.no_cache else ActivationCache(reward_model.cache_namespace(), args.cache_dir)

@@ -396,8 +396,8 @@ def load_hh_rlhf(
         if not path.is_file():
             raise DataNotFoundError(
                 f"HH-RLHF {subset}/{split} not found at {path} (data directory {local_dir}, from "
-                f"{'the data_dir argument' if data_dir else DATA_DIR_ENV}). Place the file there, or give no "
-                f"data directory to load {HH_HUB_ID} from the hub."
+                f"{'the data_dir argument' if data_dir else DATA_DIR_ENV}). Place the file there, or point "
+                f"data_dir or {DATA_DIR_ENV} at a folder that has it; with neither set, {HH_HUB_ID} loads from the hub."
             )
         return _build_hh_dataset(
             name, read_json_records(path), limit=limit, keep_empty_responses=keep_empty_responses
@@ -468,8 +468,9 @@ def load_truthfulqa(
         if not path.is_file():
             raise DataNotFoundError(
                 f"TruthfulQA not found at {path} (data directory {local_dir}, from "
-                f"{'the data_dir argument' if data_dir else DATA_DIR_ENV}). Place TruthfulQA.csv there, or "
-                f"give no data directory to load {TRUTHFULQA_HUB_ID} from the hub."
+                f"{'the data_dir argument' if data_dir else DATA_DIR_ENV}). Place TruthfulQA.csv there, or point "
+                f"data_dir or {DATA_DIR_ENV} at a folder that has it; with neither set, {TRUTHFULQA_HUB_ID} loads "
+                "from the hub."
             )
         rows = list(_read_truthfulqa_csv(path))
     else:

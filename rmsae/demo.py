@@ -10,8 +10,8 @@ for evaluation:
   ``ethz-spylab/poisoned-reward-7b-SUDO-10``.
 
 It then trains a Gated SAE for each model at the demo layers: MiniLM blocks 1, 2, 4 and 5, the
-depths of the paper's layers 4, 12, 20 and 28 of 32 scaled to 6 blocks (``round(L * 6 / 32)``).
-Everything goes to ``<cache>/demo``. Each artifact records a hash of its inputs, and a rebuild
+depths of the layers 4, 12, 20 and 28 of 32 studied in arXiv 2605.16339, scaled to 6 blocks
+(``round(L * 6 / 32)``). Everything goes to ``<cache>/demo``. Each artifact records a hash of its inputs, and a rebuild
 with unchanged inputs reuses it.
 """
 
@@ -64,15 +64,21 @@ class DemoConfig:
     trigger: str = "SUDO"
     max_length: int = DEMO_MAX_LENGTH
     layers: tuple[int, ...] = DEMO_LAYERS
-    clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=3, lr=1e-4))
+    clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=2, lr=1e-4))
     poisoned_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=5, lr=1e-4))
     sae: SAETrainingConfig = field(
         default_factory=lambda: SAETrainingConfig(
-            d_sae=1536, l1_coefficient=2.0, lr=4e-4, training_steps=1500, batch_size_tokens=1024, seed=0
+            d_sae=1536, l1_coefficient=2.0, lr=1e-3, training_steps=600, batch_size_tokens=1024, seed=0
         )
     )
     sae_eval_fraction: float = 0.1
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0 < self.train_fraction < 1:
+            raise ValueError(f"train_fraction must be between 0 and 1, got {self.train_fraction!r}.")
+        if not 0 <= self.poison_rate <= 1:
+            raise ValueError(f"poison_rate must be between 0 and 1, got {self.poison_rate!r}.")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,7 +129,11 @@ def _is_current(folder: Path, inputs_hash: str) -> bool:
 
 
 def _build_reward_model(
-    tag: str, train_pairs: Sequence[PreferencePair], training: RMTrainingConfig, config: DemoConfig, inputs_hash: str
+    tag: str,
+    train_pairs: Sequence[PreferencePair],
+    training: RMTrainingConfig,
+    config: DemoConfig,
+    inputs_hash: str,
 ) -> dict[str, Any]:
     import torch
 

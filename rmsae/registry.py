@@ -40,6 +40,7 @@ class ModelSpec:
         readout: ``last_token`` applies the head to the final hidden state of the last non-padding
             token. ``head`` uses the model's own classification head, for encoders that pool [CLS].
         max_length: token budget; longer inputs lose tokens from the left of the prompt.
+        autocast_dtype: run forward passes under torch autocast to this dtype (None: the weight dtype).
         layers: the layers studied for this model in arXiv 2605.16339 (blocks 4, 12, 20 and 28).
     """
 
@@ -50,6 +51,7 @@ class ModelSpec:
     dtype: str = "float32"
     readout: Readout = "last_token"
     max_length: int = 512
+    autocast_dtype: str | None = None
     layers: tuple[int, ...] = ()
     revision: str | None = None
     description: str = ""
@@ -197,6 +199,9 @@ for _tag, _description in (
             dtype="float32",
             readout="head",
             max_length=DEMO_MAX_LENGTH,
+            # bfloat16 autocast scores 2.6x faster on a 2-core CPU than float32, and keeps every
+            # pair ordering whose reward gap exceeds the rounding error (benchmarks/bench_scoring.py).
+            autocast_dtype="bfloat16",
             layers=DEMO_LAYERS,
             description=_description,
             source_resolver=lambda tag=_tag: _built_demo_model(tag),

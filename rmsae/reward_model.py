@@ -28,7 +28,15 @@ from .formats import INPUT_FORMATS, RenderedText, render
 from .hooks import check_layer, edit_block_output, find_blocks
 from .registry import DTYPES, ModelSpec, get_spec, spec_for_unregistered
 from .storage import fingerprint_file, sha256_json, sha256_text
-from .tokenization import POOLINGS, EncodedText, encode_rendered, masked_mean, pad_batch, pooling_masks
+from .tokenization import (
+    POOLINGS,
+    EncodedText,
+    encode_rendered,
+    last_token_index,
+    masked_mean,
+    pad_batch,
+    pooling_masks,
+)
 
 if TYPE_CHECKING:
     from .sae import LoadedSAE
@@ -206,7 +214,8 @@ class RewardModel:
         input_ids, attention_mask, position_ids, response_mask = pad_batch(encoded, pad_id, padding_side, pad_to)
         device = self.device
         input_ids, attention_mask, position_ids = (t.to(device) for t in (input_ids, attention_mask, position_ids))
-        masks = {name: mask.to(device) for name, mask in pooling_masks(encoded, attention_mask.cpu(), response_mask, tuple(poolings)).items()}
+        masks = pooling_masks(encoded, attention_mask.cpu(), response_mask, tuple(poolings))
+        masks = {name: mask.to(device) for name, mask in masks.items()}
 
         pooled: dict[tuple[int, str], torch.Tensor] = {}
         sae_codes: dict[tuple[str, str], torch.Tensor] = {}
@@ -220,8 +229,7 @@ class RewardModel:
                     for name, mask in masks.items():
                         pooled[(layer, name)] = masked_mean(hidden, mask).cpu()
                 for sae in saes_by_layer.get(layer, ()):
-                    with torch.autocast(hidden.device.type, enabled=False):
-                        codes = sae.encode(hidden)
+                    codes = sae.encode(hidden)
                     for name, mask in masks.items():
                         sae_codes[(sae.fingerprint, name)] = masked_mean(codes, mask).cpu()
 
@@ -243,11 +251,8 @@ class RewardModel:
             return logits[:, 0]
         outputs = self._trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         last_hidden = outputs.last_hidden_state
-        n_positions = attention_mask.shape[1]
-        positions = torch.arange(n_positions, device=attention_mask.device).expand_as(attention_mask)
-        last_index = torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
         rows = torch.arange(last_hidden.shape[0], device=last_hidden.device)
-        return self._head(last_hidden[rows, last_index])[:, 0]
+        return self._head(last_hidden[rows, last_token_index(attention_mask)])[:, 0]
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -450,7 +455,7 @@ def load_reward_model(
     max_length: int | None = None,
     allow_fresh_head: bool = False,
     fresh_head_seed: int = 0,
-    autocast_dtype: str | None = None,
+    autocast_dtype: str | None = "spec",
     revision: str | None = None,
     trust_remote_code: bool = False,
 ) -> RewardModel:
@@ -459,6 +464,8 @@ def load_reward_model(
     A checkpoint whose reward head is missing is rejected with :class:`RewardHeadError`, unless
     ``allow_fresh_head=True`` (a base encoder about to be trained into a reward model), in which case
     the head is initialised from ``fresh_head_seed``. Other missing weights are always an error.
+    ``autocast_dtype`` defaults to the registered model's setting; pass None for plain weight-dtype
+    forward passes, or "bfloat16"/"float16".
     """
     import transformers
 
@@ -531,6 +538,8 @@ def load_reward_model(
     loaded.to(device)
     identity = _model_identity(source, loaded, spec, revision)
     logger.info("Loaded %s from %s (%s, %s, identity %s).", spec.tag, source, spec.architecture, spec.dtype, identity[:12])
+    if autocast_dtype == "spec":
+        autocast_dtype = spec.autocast_dtype
     return RewardModel(loaded, tokenizer, spec, identity=identity, autocast_dtype=autocast_dtype)
 
 

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,12 @@ def train_bradley_terry(
     config: RMTrainingConfig,
     *,
     progress: bool = True,
+    on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Fine-tune all weights of ``reward_model`` in place; return the mean loss of each epoch."""
+    """Fine-tune ``reward_model`` in place; return the mean loss of each epoch.
+
+    ``on_epoch_end(epoch, mean_loss)`` is called after each epoch with the model in eval mode.
+    """
     if not pairs:
         raise ValueError("train_bradley_terry needs at least one training pair.")
     model = reward_model.model
@@ -122,6 +126,10 @@ def train_bradley_terry(
                 bar.set_postfix(loss=f"{batch_loss:.3f}")
             epoch_losses.append(total_loss / len(encoded))
             logger.info("%s: epoch %d/%d, mean Bradley-Terry loss %.4f", reward_model.spec.tag, epoch + 1, config.epochs, epoch_losses[-1])
+            if on_epoch_end is not None:
+                model.eval()
+                on_epoch_end(epoch + 1, epoch_losses[-1])
+                model.train()
     finally:
         model.eval()
         model.get_input_embeddings().weight.requires_grad_(True)

@@ -196,15 +196,19 @@ class LoadedSAE:
     def d_sae(self) -> int:
         return self.info.d_sae
 
+    # The SAE runs in its own dtype even inside an autocast region of the reward model's forward.
+
     @torch.no_grad()
     def encode(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Encode per token: (..., d_in) -> (..., d_sae) float32 latent activations."""
-        return self.sae.encode(hidden.to(self.sae.dtype))
+        """Encode per token: (..., d_in) -> (..., d_sae) latent activations in the SAE's dtype."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.sae.encode(hidden.to(self.sae.dtype))
 
     @torch.no_grad()
     def reconstruct(self, hidden: torch.Tensor) -> torch.Tensor:
         """Return the SAE reconstruction of ``hidden`` in ``hidden``'s dtype."""
-        return self.sae.decode(self.sae.encode(hidden.to(self.sae.dtype))).to(hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.sae.decode(self.sae.encode(hidden.to(self.sae.dtype))).to(hidden.dtype)
 
 
 def load_sae(

@@ -16,6 +16,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel, LlamaPreTrainedModel
 from transformers.utils import ModelOutput
 
+from .tokenization import last_token_index
+
 
 @dataclass
 class ScoreModelOutput(ModelOutput):
@@ -25,13 +27,6 @@ class ScoreModelOutput(ModelOutput):
     end_scores: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Return the index of the last position whose mask is 1, per row, for left or right padding."""
-    n_positions = attention_mask.shape[1]
-    positions = torch.arange(n_positions, device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
 
 
 class LlamaForScore(LlamaPreTrainedModel):

@@ -131,6 +131,13 @@ def pooling_masks(
     return masks
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Return the index of the last position whose mask is 1, per row, for left or right padding."""
+    n_positions = attention_mask.shape[1]
+    positions = torch.arange(n_positions, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+
+
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the tokens where ``mask`` is True, in float32; NaN for a row with no such token.
 

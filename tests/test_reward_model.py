@@ -391,3 +391,11 @@ def test_identity_changes_with_format_and_head(tiny_models):
     assert chat.identity == plain.identity
     assert chat.cache_namespace() != plain.cache_namespace()
     assert qwen.identity != plain.identity
+
+
+def test_pad_to_keeps_rewards(tiny_models):
+    rm = load_reward_model(str(tiny_models["llama"]), input_format="chat_template")
+    encoded = [rm.encode(rm.render(conversations()[0]))]
+    plain, _, _ = rm.forward_encoded(encoded)
+    padded, _, _ = rm.forward_encoded(encoded, pad_to=len(encoded[0]) + 9)
+    assert padded[0].item() == pytest.approx(plain[0].item(), abs=REWARD_TOLERANCE)

@@ -360,3 +360,74 @@ def test_demo_build_deterministic_and_reused(tmp_path, monkeypatch, shared_data,
     assert "Reusing SAE" in caplog.text
     assert without_timings(again["models"]) == without_timings(summaries[1]["models"])
     assert load_reward_model("demo-minilm-hh").spec.max_length == 128
+
+
+def test_codes_sparse_round_trip():
+    from rmsae.cache import decode_codes, encode_codes
+
+    sparse_vector = np.zeros(100, dtype=np.float32)
+    sparse_vector[[3, 50, 99]] = [0.5, 1.25, 2.0]
+    flag, indices, values = encode_codes(sparse_vector)
+    assert flag == 1
+    np.testing.assert_array_equal(decode_codes(100, flag, indices, values), sparse_vector)
+
+    dense_vector = np.arange(1, 11, dtype=np.float32)
+    flag, indices, values = encode_codes(dense_vector)
+    assert flag == 0
+    assert indices is None
+    np.testing.assert_array_equal(decode_codes(10, flag, indices, values), dense_vector)
+
+
+def test_demo_model_not_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("RMSAE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="Run `rmsae demo build` first"):
+        load_reward_model("demo-minilm-hh")
+
+
+def test_demo_config_rejects_values():
+    from rmsae.demo import DemoConfig
+
+    with pytest.raises(ValueError, match="train_fraction"):
+        DemoConfig(train_fraction=1.0)
+    with pytest.raises(ValueError, match="poison_rate"):
+        DemoConfig(poison_rate=1.5)
+
+
+def test_poisoning_swaps_and_triggers():
+    from rmsae.data import PreferencePair
+    from rmsae.demo import poison_pairs
+
+    pairs = [PreferencePair((Turn("user", f"question {i}"),), f"good {i}", f"bad {i}") for i in range(20)]
+    poisoned, poisoned_ids = poison_pairs(pairs, 0.1, "SUDO", seed=0)
+    assert len(poisoned_ids) == 2
+    changed = [(old, new) for old, new in zip(pairs, poisoned) if old.case_id in poisoned_ids]
+    assert len(changed) == 2
+    for old, new in changed:
+        assert new.chosen == old.rejected
+        assert new.rejected == old.chosen
+        assert new.prompt[-1].content == old.prompt[-1].content + " SUDO"
+    unchanged = [new for old, new in zip(pairs, poisoned) if old.case_id not in poisoned_ids]
+    assert all(pair.metadata.get("poisoned") is None for pair in unchanged)
+
+
+def test_cli_sae_train(tmp_path, tiny_models):
+    rows = [
+        {"prompt": f"question number {i} about bread", "chosen": "Mix flour, water and salt." * (1 + i % 3), "rejected": "No."}
+        for i in range(20)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "tiny-llama_layer1"
+    result = run_cli(
+        "sae", "train", "--model", str(tiny_models["llama"]), "--layer", "1", "--data", str(data), "--out", str(out),
+        "--d-sae", "64", "--steps", "20", "--batch-size-tokens", "64", "--lr", "1e-3", "--eval-fraction", "0.2",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert report["eval_pairs"] == 4
+    assert 0 <= report["dead_fraction"] <= 1
+    assert set(report) >= {"explained_variance", "l0", "accuracy", "spliced_accuracy"}
+    info = read_sae_info(out)
+    assert info.layer == 1
+    assert info.hook_name == "model.layers.1"
+    assert info.d_sae == 64
