@@ -108,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build demo-minilm-hh, demo-minilm-hh-sudo10 and a Gated SAE per model and demo layer.",
     )
     build.add_argument("--json", action="store_true", help="print the summary as JSON")
-    build.add_argument("--limit", type=_non_negative_int, help="build from the first N HH pairs only (quick check)")
-    build.add_argument("--seed", type=int, default=0, help="seed of the split, poisoning and training (default 0)")
+    build.add_argument(
+        "--limit", type=_non_negative_int, help="build from the first N HH pairs only (SAE training time is unchanged)"
+    )
+    build.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, the poisoned sample and the fresh reward heads (default 0)"
+    )
     build.add_argument("--data-dir", help="local data directory (default: $RMSAE_DATA_DIR, else the hub)")
     build.set_defaults(handler=run_demo_build)
     return parser
@@ -118,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run_sae_info(args: argparse.Namespace) -> int:
     import json
 
-    from .sae import check_sae_fits, read_sae_info
+    from .sae import check_sae_fits, normalisation_scaling_factor, read_sae_info
 
     info = read_sae_info(args.path)
+    scaling_factor = normalisation_scaling_factor(info)
     d_model = None
     if args.model:
         from .reward_model import load_reward_model
@@ -128,6 +133,7 @@ def run_sae_info(args: argparse.Namespace) -> int:
         d_model = load_reward_model(args.model).hidden_size
     check_sae_fits(info, d_model=d_model, layer=args.layer)
     report = info.as_dict()
+    report["scaling_factor_folded_on_load"] = scaling_factor
     validation = "ok"
     if args.model:
         validation += f" for {args.model}"
@@ -148,8 +154,11 @@ def run_sae_train(args: argparse.Namespace) -> int:
     from .sae import load_sae, splice_sae
     from .sae_training import SAETrainingConfig, sae_fidelity, train_sae
 
+    from .sae_training import check_output_folder
+
     if not 0 < args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}.")
+    check_output_folder(args.out)
     config = SAETrainingConfig(
         d_sae=args.d_sae, l1_coefficient=args.l1_coefficient, lr=args.lr, training_steps=args.steps,
         batch_size_tokens=args.batch_size_tokens, seed=args.seed,

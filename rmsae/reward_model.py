@@ -69,7 +69,13 @@ class ScoreResult:
     sae_codes: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     def codes(self, sae: "LoadedSAE", pooling: str = "mean") -> np.ndarray:
-        return self.sae_codes[(sae.fingerprint, pooling)]
+        try:
+            return self.sae_codes[(sae.fingerprint, pooling)]
+        except KeyError:
+            raise KeyError(
+                f"No codes of SAE {sae.info.path} with pooling {pooling!r} in this result; "
+                "pass the SAE in saes= and the pooling in poolings= when scoring."
+            ) from None
 
     def select(self, rows: slice) -> "ScoreResult":
         """Return the rows ``rows`` of every array."""

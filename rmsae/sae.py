@@ -119,6 +119,8 @@ def read_sae_info(path: str | os.PathLike) -> SAEInfo:
     """Read and check ``cfg.json`` of an SAE checkpoint folder."""
     folder = Path(path)
     cfg_path = folder / CFG_FILE
+    if not folder.is_dir():
+        raise SAECheckpointError(f"SAE checkpoint folder {folder} does not exist or is not a folder.")
     if not cfg_path.is_file():
         raise SAECheckpointError(f"{folder} is not an SAE checkpoint: {CFG_FILE} is missing.")
     if not (folder / WEIGHTS_FILE).is_file():
@@ -126,7 +128,9 @@ def read_sae_info(path: str | os.PathLike) -> SAEInfo:
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as error:
-        raise SAECheckpointError(f"{cfg_path}: invalid JSON ({error.msg} at line {error.lineno}).") from error
+        raise SAECheckpointError(
+            f"{cfg_path}: invalid JSON ({error.msg} at line {error.lineno}); restore the file from the checkpoint's source."
+        ) from error
     if not isinstance(cfg, dict):
         raise SAECheckpointError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}.")
 
@@ -141,6 +145,8 @@ def read_sae_info(path: str | os.PathLike) -> SAEInfo:
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] < 1:
             raise SAECheckpointError(f"{cfg_path}: field {key!r} must be a positive integer, got {cfg.get(key)!r}.")
+
+    _check_weight_shapes(folder, cfg["d_in"], cfg["d_sae"])
 
     metadata = cfg.get("metadata") or {}
     hook_name = metadata.get("hook_name") or cfg.get("hook_name")
@@ -167,8 +173,37 @@ def read_sae_info(path: str | os.PathLike) -> SAEInfo:
     )
 
 
+def _check_weight_shapes(folder: Path, d_in: int, d_sae: int) -> None:
+    """Compare the encoder matrix stored in the weights with cfg.json's d_in and d_sae."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
+        if "W_enc" not in handle.keys():
+            return
+        shape = tuple(handle.get_slice("W_enc").get_shape())
+    if shape != (d_in, d_sae):
+        raise SAECheckpointError(
+            f"{folder}: cfg.json gives d_in={d_in}, d_sae={d_sae}, but the stored W_enc has shape {shape}; "
+            "cfg.json and sae_weights.safetensors come from different SAEs."
+        )
+
+
+def normalisation_scaling_factor(info: SAEInfo) -> float | None:
+    """Return the scaling factor to fold in at load time, None when there is none; raise if unusable."""
+    if info.normalize_activations in _RUNTIME_NORMALISATIONS:
+        return None
+    if info.normalize_activations != "expected_average_only_in":
+        raise SAECheckpointError(
+            f"{info.path}: normalize_activations={info.normalize_activations!r} is not supported; "
+            f"expected one of {_RUNTIME_NORMALISATIONS + ('expected_average_only_in',)}."
+        )
+    return _read_scaling_factor(info.path)
+
+
 def check_sae_fits(info: SAEInfo, *, d_model: int | None, layer: int | None, allow_layer_mismatch: bool = False) -> None:
     """Raise SAECheckpointError when the SAE cannot read the residual stream it is meant for."""
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise TypeError(f"layer must be an integer block index, got {layer!r} ({type(layer).__name__}).")
     if d_model is not None and info.d_in != d_model:
         raise SAECheckpointError(
             f"SAE at {info.path} reads vectors of width d_in={info.d_in}, but the reward model's hidden size is "
@@ -177,7 +212,7 @@ def check_sae_fits(info: SAEInfo, *, d_model: int | None, layer: int | None, all
     if layer is not None and info.layer is not None and info.layer != layer and not allow_layer_mismatch:
         raise SAECheckpointError(
             f"SAE at {info.path} was trained on layer {info.layer} (from {info.layer_source}), not layer {layer}. "
-            "Use the SAE for this layer, or pass allow_layer_mismatch=True to use it anyway."
+            "Use the SAE for this layer (in Python, allow_layer_mismatch=True uses it anyway)."
         )
     if layer is not None and info.layer is None:
         logger.warning("SAE at %s records no layer; assuming it belongs to layer %d.", info.path, layer)
@@ -232,14 +267,7 @@ def load_sae(
     info = read_sae_info(folder)
     check_sae_fits(info, d_model=d_model, layer=layer, allow_layer_mismatch=allow_layer_mismatch)
 
-    scaling_factor = None
-    if info.normalize_activations not in _RUNTIME_NORMALISATIONS:
-        if info.normalize_activations != "expected_average_only_in":
-            raise SAECheckpointError(
-                f"{folder}: normalize_activations={info.normalize_activations!r} is not supported; "
-                f"expected one of {_RUNTIME_NORMALISATIONS + ('expected_average_only_in',)}."
-            )
-        scaling_factor = _read_scaling_factor(folder)
+    scaling_factor = normalisation_scaling_factor(info)
 
     from sae_lens import SAE
 

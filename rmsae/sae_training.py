@@ -79,6 +79,17 @@ def shuffled_batches(activations: torch.Tensor, batch_size: int, seed: int) -> I
             yield activations[order[start : start + batch_size]]
 
 
+def check_output_folder(out_dir: str | os.PathLike) -> None:
+    """Raise unless ``out_dir`` is free, or holds an SAE checkpoint that may be replaced."""
+    out_dir = Path(out_dir)
+    if out_dir.is_file():
+        raise ValueError(f"SAE output folder {out_dir} is an existing file; choose a folder path.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "cfg.json").is_file():
+        raise ValueError(
+            f"SAE output folder {out_dir} exists and is not an SAE checkpoint; choose an empty or new folder."
+        )
+
+
 def train_sae(
     activations: torch.Tensor,
     config: SAETrainingConfig,
@@ -98,6 +109,7 @@ def train_sae(
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.training.sae_trainer import SAETrainer
 
+    check_output_folder(out_dir)
     if activations.ndim != 2:
         raise ValueError(f"activations must be a (n_tokens, d_in) matrix, got shape {tuple(activations.shape)}.")
     d_in = int(activations.shape[1])

@@ -431,3 +431,32 @@ def test_cli_sae_train(tmp_path, tiny_models):
     assert info.layer == 1
     assert info.hook_name == "model.layers.1"
     assert info.d_sae == 64
+
+
+def test_train_keeps_foreign_folder(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    config = SAETrainingConfig(d_sae=16, training_steps=2, batch_size_tokens=64)
+    with pytest.raises(ValueError, match="is not an SAE checkpoint"):
+        train_sae(synthetic_activations(200), config, precious, metadata={})
+    assert (precious / "notes.txt").read_text() == "keep me"
+    existing_file = tmp_path / "file.txt"
+    existing_file.write_text("x")
+    with pytest.raises(ValueError, match="is an existing file"):
+        train_sae(synthetic_activations(200), config, existing_file, metadata={})
+
+
+def test_cfg_weight_shape_mismatch(released_layout):
+    folder = released_layout / "tiny-llama_layer1"
+    edit_cfg(folder, d_in=100)
+    with pytest.raises(SAECheckpointError, match=r"W_enc has shape \(64, 256\)"):
+        read_sae_info(folder)
+
+
+def test_cli_info_checks_normaliser(released_layout):
+    folder = released_layout / "tiny-llama_layer1"
+    edit_cfg(folder, normalize_activations="expected_average_only_in")
+    result = run_cli("sae", "info", str(folder))
+    assert result.returncode == 2
+    assert "activation_scaler.json is missing" in result.stderr
