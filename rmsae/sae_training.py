@@ -80,7 +80,7 @@ def shuffled_batches(activations: torch.Tensor, batch_size: int, seed: int) -> I
 
 
 def check_output_folder(out_dir: str | os.PathLike) -> None:
-    """Raise unless ``out_dir`` is free, or holds an SAE checkpoint that may be replaced."""
+    """Raise unless ``out_dir`` is free, or contains an SAE checkpoint that may be replaced."""
     out_dir = Path(out_dir)
     if out_dir.is_file():
         raise ValueError(f"SAE output folder {out_dir} is an existing file; choose a folder path.")
