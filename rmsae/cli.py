@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_non_negative_int, help="build from the first N HH pairs only (SAE training time is unchanged)"
     )
     build.add_argument(
-        "--seed", type=int, default=0, help="seed of the split, the poisoned sample and the fresh reward heads (default 0)"
+        "--seed", type=int, default=0, help="seed of the split, the poisoning, RM fine-tuning and SAE training (default 0)"
     )
     build.add_argument("--data-dir", help="local data directory (default: $RMSAE_DATA_DIR, else the hub)")
     build.set_defaults(handler=run_demo_build)
@@ -132,6 +132,8 @@ def run_sae_info(args: argparse.Namespace) -> int:
 
         d_model = load_reward_model(args.model).hidden_size
     check_sae_fits(info, d_model=d_model, layer=args.layer)
+    if args.model and info.model_name and info.model_name != args.model:
+        logger.warning("SAE cfg.json names model %r, not %r; check that it was trained on this model.", info.model_name, args.model)
     report = info.as_dict()
     report["scaling_factor_folded_on_load"] = scaling_factor
     validation = "ok"
@@ -199,7 +201,15 @@ def run_demo_build(args: argparse.Namespace) -> int:
 
     from .demo import DemoConfig, build_demo
 
-    config = replace(DemoConfig(), seed=args.seed, limit=args.limit)
+    defaults = DemoConfig()
+    config = replace(
+        defaults,
+        seed=args.seed,
+        limit=args.limit,
+        clean_training=replace(defaults.clean_training, seed=args.seed),
+        poisoned_training=replace(defaults.poisoned_training, seed=args.seed),
+        sae=replace(defaults.sae, seed=args.seed),
+    )
     summary = build_demo(config, data_dir=args.data_dir)
     if args.json:
         print(json.dumps(summary, indent=2))
