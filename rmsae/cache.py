@@ -4,7 +4,7 @@ One SQLite database per (model identity, input format, max length, numeric setti
 per text key, the reward, the token count and truncation, pooled hidden states per
 (layer, pooling), and pooled SAE codes per (SAE fingerprint, pooling). SAE codes are stored sparse
 (indices and values) when that is smaller than the dense vector. Each :meth:`ActivationCache.put` is one transaction, so another process reading the
-database sees whole entries only, and a run interrupted between batches resumes from the last
+database reads whole entries only, and a run interrupted between batches resumes from the last
 committed batch.
 """
 

@@ -382,7 +382,7 @@ def load_hh_rlhf(
     """Load Anthropic HH-RLHF pairs from ``data_dir`` (or ``$RMSAE_DATA_DIR``), else from the hub.
 
     The local layout is ``<data_dir>/hh-rlhf/<subset>/<split>.jsonl.gz`` (a plain ``.jsonl`` works
-    too). Irregular rows are treated as the module docstring says.
+    too). Irregular rows are treated as the module docstring describes.
     """
     limit = _check_limit(limit)
     if subset not in HH_SUBSETS:
@@ -566,7 +566,7 @@ def load_pairs_file(
 
     Without a ``prompt`` field, ``chosen`` and ``rejected`` are whole HH dialogues. With one, they
     are the responses, and ``prompt`` is either a string (one user turn, or an HH dialogue when it
-    holds role markers) or a list of ``{"role", "content"}`` messages ending with a user message.
+    contains role markers) or a list of ``{"role", "content"}`` messages ending with a user message.
     Other fields are kept in the pair's metadata.
     """
     limit = _check_limit(limit)

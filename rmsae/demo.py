@@ -21,10 +21,8 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +40,7 @@ from .registry import (
 )
 from .rm_training import RMTrainingConfig
 from .sae_training import SAETrainingConfig
-from .storage import atomic_write_json, sha256_json
+from .storage import atomic_write_json, sha256_json, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -149,19 +147,11 @@ def _build_reward_model(
     losses = train_bradley_terry(base, train_pairs, training)
     seconds = time.perf_counter() - start
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{tag}.", dir=target.parent))
-    try:
+    build = {"inputs_hash": inputs_hash, "training": training.as_dict(), "epoch_losses": losses, "train_seconds": seconds}
+    with staged_folder(target) as staging:
         base.model.save_pretrained(staging)
         base.tokenizer.save_pretrained(staging)
-        build = {"inputs_hash": inputs_hash, "training": training.as_dict(), "epoch_losses": losses, "train_seconds": seconds}
         atomic_write_json(staging / BUILD_FILE, build)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("Built %s in %.0f s (epoch losses %s).", tag, seconds, [round(x, 4) for x in losses])
     return build
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from .storage import atomic_write_json
+from .storage import atomic_write_json, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ logger = logging.getLogger(__name__)
 class SAETrainingConfig:
     """Gated SAE training settings, with defaults from the SAELens configuration in the authors' code release.
 
-    That configuration is: width 16,384, L1 coefficient 5 warmed up over
+    That configuration uses width 16,384, L1 coefficient 5 warmed up over
     the first 5% of steps, Adam lr 5e-5 decaying over the last 20% of steps, 4,000 steps of 4,096
     tokens, no input centring, activations scaled to a fixed expected norm (folded into the weights
     at the end).
@@ -152,18 +151,9 @@ def train_sae(
         provider = shuffled_batches(activations, config.batch_size_tokens, config.seed)
         trained = SAETrainer(cfg=trainer_config, sae=training_sae, data_provider=provider).fit()
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         trained.save_inference_model(staging)
         atomic_write_json(staging / "rmsae_training.json", {"config": config.as_dict(), "n_tokens": len(activations)})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("Saved SAE (d_in %d, d_sae %d, %d steps) to %s.", d_in, config.d_sae, steps, out_dir)
     return trained
 

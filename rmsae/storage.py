@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 # Weight files up to this size are hashed in full; larger ones are sampled (see fingerprint_file).
 FULL_HASH_MAX_BYTES = 512 * 1024 * 1024
@@ -46,6 +48,25 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     lines = [json.dumps(record, ensure_ascii=False) for record in records]
     return atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+@contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``target``; on success it replaces ``target`` whole.
+
+    On an exception the staging folder is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def sha256_text(text: str) -> str:

@@ -91,7 +91,7 @@ def pad_batch(
     """Pad a batch to its longest row, or to ``pad_to`` tokens if that is longer.
 
     Returns input_ids, attention_mask, position_ids and response_mask tensors. Position ids count
-    real tokens only, so a left-padded row sees the same positions as an unpadded one.
+    real tokens only, so a left-padded row gets the same positions as an unpadded one.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")

@@ -18,7 +18,6 @@ from rmsae.hooks import block_hook_name, capture_block_output
 from rmsae.reward_model import load_reward_model
 from rmsae.sae import SAECheckpointError, load_sae, read_sae_info, splice_sae
 from rmsae.sae_training import SAETrainingConfig, sae_fidelity, train_sae
-from rmsae.tokenization import masked_mean
 
 HIDDEN = 64
 
