@@ -1,10 +1,14 @@
-# `make test` creates .venv if needed, installs rmsae with all extras, and runs the tests.
+# `make book` creates .venv if needed, installs rmsae with all extras, builds the demo reward models
+# and SAEs (cached), executes the notebooks of the experiment matrix (experiments.yml) for PROFILE,
+# and renders the Jupyter Book into _build/html. `make test` runs the tests.
 # TORCH_SPEC pins the CPU build of PyTorch that lies on disk on the project's machines; on a GPU
 # machine, set TORCH_SPEC="torch>=2.6" to take the CUDA build instead.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+PROFILE ?= demo
+JOBS ?= 1
 SHARED_DATA := $(abspath ../shared/data)
 
 export HF_HUB_OFFLINE ?= 1
@@ -16,7 +20,7 @@ ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf),)
 export RMSAE_DATA_DIR ?= $(SHARED_DATA)
 endif
 
-.PHONY: install test benchmark clean
+.PHONY: install book test benchmark clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +29,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --upgrade --quiet "$(TORCH_SPEC)" -e '.[all]'
 	touch $@
 
+book: install
+	$(VENV)/bin/rmsae book --profile $(PROFILE) --jobs $(JOBS)
+
 test: install
 	$(VENV)/bin/python -m pytest
 
@@ -32,4 +39,4 @@ benchmark: install
 	$(VENV)/bin/python benchmarks/bench_scoring.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache _build
+	rm -rf $(VENV) .pytest_cache _build runs

@@ -13,6 +13,7 @@ from typing import Sequence
 logger = logging.getLogger("rmsae")
 
 
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -116,7 +117,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--data-dir", help="local data directory (default: $RMSAE_DATA_DIR, else the hub)")
     build.set_defaults(handler=run_demo_build)
+
+    run = commands.add_parser(
+        "run",
+        help="execute the notebooks of the experiment matrix with papermill",
+        description="Execute each stage's notebook for every model (and layer) of a profile, in dependency "
+        "order, skipping runs whose inputs are unchanged. Exits 1 when a run fails.",
+    )
+    _add_matrix_arguments(run)
+    run.add_argument("--models", nargs="+", metavar="MODEL", help="only these models of the profile")
+    run.add_argument("--layers", nargs="+", type=_non_negative_int, metavar="L", help="only these layers")
+    run.add_argument("--stages", nargs="+", metavar="STAGE", help="only these stages")
+    run.add_argument("--force", action="store_true", help="execute runs even when their inputs are unchanged")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and their parameters, execute nothing")
+    run.set_defaults(handler=run_matrix)
+
+    book = commands.add_parser(
+        "book",
+        help="run the experiment matrix, then build the Jupyter Book",
+        description="Run every stage of a profile (as `rmsae run`), then render the executed notebooks as a "
+        "Jupyter Book in _build/html. Exits non-zero when a run or the book build fails.",
+    )
+    _add_matrix_arguments(book)
+    book.add_argument("--no-run", action="store_true", help="only build the book from the runs already there")
+    book.set_defaults(handler=run_book)
     return parser
+
+
+def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="demo", help="profile of the experiment matrix (default demo)")
+    parser.add_argument(
+        "--matrix", type=Path, default=Path("experiments.yml"), help="experiment matrix file (default ./experiments.yml)"
+    )
+    parser.add_argument("--jobs", type=_positive_int, default=1, help="notebooks executed at once (default 1)")
+    parser.add_argument("--limit", type=_positive_int, help="use at most this many pairs per run (overrides the profile)")
 
 
 def run_sae_info(args: argparse.Namespace) -> int:
@@ -229,6 +263,44 @@ def run_demo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _execute_matrix(args: argparse.Namespace, **selection) -> int:
+    from .matrix import load_matrix
+    from .runner import execute_runs, failures, plan_runs, prepare_profile, summarise
+
+    matrix = load_matrix(args.matrix)
+    runs = plan_runs(matrix, args.profile, limit=args.limit, **selection)
+    if getattr(args, "dry_run", False):
+        for run in runs:
+            print(f"{run.name}: {run.source.relative_to(matrix.path.parent)} -> {run.notebook_path}")
+            for key, value in run.parameters.items():
+                print(f"    {key} = {value!r}")
+        return 0
+    prepare_profile(matrix.profile(args.profile))
+    execute_runs(runs, jobs=args.jobs, force=getattr(args, "force", False))
+    print(summarise(runs))
+    return 1 if failures(runs) else 0
+
+
+def run_matrix(args: argparse.Namespace) -> int:
+    return _execute_matrix(args, models=args.models, layers=args.layers, stages=args.stages)
+
+
+def run_book(args: argparse.Namespace) -> int:
+    from .matrix import load_matrix
+    from .runner import build_book
+
+    status = 0 if args.no_run else _execute_matrix(args)
+    root = load_matrix(args.matrix).path.parent.resolve()
+    book_status = build_book(root, args.profile)
+    if book_status != 0:
+        logger.error("The book build failed (exit status %d); the messages above name the page.", book_status)
+    else:
+        print(f"The book is in {root / '_build' / 'html'}; open {root / '_build' / 'html' / 'index.html'} in a browser.")
+    if status != 0:
+        logger.error("Some notebooks failed (listed above); their pages show the error.")
+    return status or book_status
+
+
 def run_score(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -331,14 +403,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # papermill logs every cell at INFO; the runner's own start/finish lines are enough.
+    logging.getLogger("papermill").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .data import DataError, DataNotFoundError
+    from .matrix import MatrixError
     from .reward_model import RewardHeadError
     from .sae import SAECheckpointError
 
     try:
         return args.handler(args)
-    except (DataError, DataNotFoundError, RewardHeadError, SAECheckpointError, ValueError, TypeError, FileNotFoundError) as error:
+    except (DataError, DataNotFoundError, MatrixError, RewardHeadError, SAECheckpointError, ValueError, TypeError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2
 

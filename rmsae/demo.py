@@ -156,6 +156,20 @@ def _build_reward_model(
     return build
 
 
+def _current_summary(root: Path, build_hash: str, config: DemoConfig) -> dict[str, Any] | None:
+    """The saved summary when it was made from the same inputs and every artifact is still there."""
+    summary_path = root / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if summary.get("inputs_hash") != build_hash:
+        return None
+    folders = [demo_model_dir(tag) for tag in (CLEAN_TAG, POISONED_TAG)]
+    folders += [demo_sae_dir(tag, layer) for tag in (CLEAN_TAG, POISONED_TAG) for layer in config.layers]
+    return summary if all((folder / BUILD_FILE).is_file() for folder in folders) else None
+
+
 def evaluate_backdoor(reward_model, pairs: Sequence[PreferencePair], trigger: str, *, cache=None, batch_size: int = 32) -> dict[str, float]:
     """Score held-out pairs without and with the trigger; return accuracies and reversal shares.
 
@@ -184,11 +198,16 @@ def build_demo(config: DemoConfig = DemoConfig(), *, data_dir: str | os.PathLike
 
     started = time.perf_counter()
     dataset = load_hh_rlhf("harmless-base", "test", data_dir=data_dir, limit=config.limit)
+    root = demo_dir()
+    build_hash = sha256_json({"config": config.as_dict(), "pairs": [pair.case_id for pair in dataset]})
+    previous = _current_summary(root, build_hash, config)
+    if previous is not None:
+        logger.info("The demo build in %s is current (inputs unchanged); nothing to do.", root)
+        return previous
     by_id = {pair.case_id: pair for pair in dataset}
     split = split_pairs(dataset.pairs, config.train_fraction, config.seed)
     train_pairs = [by_id[case_id] for case_id in split["train"]]
     eval_pairs = [by_id[case_id] for case_id in split["eval"]]
-    root = demo_dir()
     atomic_write_json(root / "split.json", {"seed": config.seed, "source": dataset.name, **split})
     logger.info("Demo split: %d training pairs, %d held-out pairs (seed %d).", len(train_pairs), len(eval_pairs), config.seed)
 
@@ -248,8 +267,8 @@ def build_demo(config: DemoConfig = DemoConfig(), *, data_dir: str | os.PathLike
                 logger.info("Reusing SAE %s (inputs unchanged).", folder)
             loaded = load_sae(folder, layer=layer, d_model=reward_model.hidden_size)
             fidelity = sae_fidelity(loaded, eval_activations[layer])
-            with splice_sae(reward_model, loaded):
-                spliced = reward_model.score_pairs(eval_pairs, batch_size=config.batch_size, progress=False)
+            with splice_sae(reward_model, loaded), ActivationCache(reward_model.cache_namespace()) as splice_cache:
+                spliced = reward_model.score_pairs(eval_pairs, batch_size=config.batch_size, cache=splice_cache, progress=False)
             fidelity["spliced_accuracy"] = spliced.accuracy
             fidelity["spliced_accuracy_drop"] = metrics["accuracy"] - spliced.accuracy
             fidelity["d_sae"] = loaded.d_sae
@@ -258,5 +277,7 @@ def build_demo(config: DemoConfig = DemoConfig(), *, data_dir: str | os.PathLike
             logger.info("SAE %s_layer%d: %s", tag, layer, fidelity)
 
     summary["build_seconds"] = time.perf_counter() - started
+    summary["inputs_hash"] = build_hash
     atomic_write_json(root / "summary.json", summary)
-    return summary
+    # Read back, so a fresh build and a reused one return the same JSON types (lists, not tuples).
+    return json.loads((root / "summary.json").read_text())

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .cache import ActivationCache, CachedText
 from .data import PreferencePair, Turn
@@ -158,21 +158,29 @@ class RewardModel:
         return self.spec.max_length
 
     def cache_namespace(self) -> dict[str, Any]:
-        """Return the settings under which two runs' cached values are interchangeable."""
-        return {
+        """Return the settings under which two runs' cached values are interchangeable.
+
+        Open interventions are part of it, so scores of a changed forward pass (an SAE splice, a
+        steering hook) are cached apart from the model's own.
+        """
+        namespace = {
             "model": self.identity,
             "input_format": self.spec.input_format,
             "max_length": self.spec.max_length,
             "readout": self.spec.readout,
             "autocast": self.autocast_dtype,
         }
+        if self._interventions:
+            namespace["interventions"] = list(self._interventions)
+        return namespace
 
     @contextlib.contextmanager
     def intervention(self, name: str):
         """Mark that the forward pass is being changed (SAE splice, steering) while the context is open.
 
-        Rewards computed under an intervention are not those of the model, so scoring refuses to
-        read or write the activation cache meanwhile.
+        ``name`` must identify the change completely (method, settings, fingerprint of any weights),
+        because it becomes part of :meth:`cache_namespace`: a cache opened outside the context no
+        longer matches, and one opened inside holds only scores of this exact change.
         """
         self._interventions.append(name)
         try:
@@ -288,13 +296,8 @@ class RewardModel:
         layers = tuple(check_layer(self.model, layer) for layer in layers)
         if cache is not None and cache.namespace != self.cache_namespace():
             raise ValueError(
-                "The activation cache belongs to another model or setting; open it with "
-                "ActivationCache(reward_model.cache_namespace())."
-            )
-        if cache is not None and self._interventions:
-            raise ValueError(
-                f"Cannot use the activation cache while the forward pass is changed by {self._interventions}; "
-                "score with cache=None inside an intervention."
+                "The activation cache belongs to another model, setting or intervention; open it with "
+                "ActivationCache(reward_model.cache_namespace()) inside any intervention context."
             )
         for sae in saes:
             if sae.info.d_in != self.hidden_size:

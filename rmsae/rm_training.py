@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import PreferencePair
 from .reward_model import RewardModel

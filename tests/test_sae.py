@@ -214,12 +214,19 @@ def test_splice_matches_manual_reconstruction(released_layout, llama_rm):
     assert not np.allclose(spliced, baseline)
 
 
-def test_cache_refused_under_splice(tmp_path, released_layout, llama_rm):
+def test_splice_has_its_own_cache_namespace(tmp_path, released_layout, llama_rm):
     loaded = load_sae(released_layout / "tiny-llama_layer1", layer=1)
-    with ActivationCache(llama_rm.cache_namespace(), tmp_path) as cache:
+    with ActivationCache(llama_rm.cache_namespace(), tmp_path) as plain_cache:
+        plain = llama_rm.score_conversations(CONVERSATIONS, cache=plain_cache, progress=False).rewards
         with splice_sae(llama_rm, loaded):
-            with pytest.raises(ValueError, match="Cannot use the activation cache"):
-                llama_rm.score_conversations(CONVERSATIONS, cache=cache, progress=False)
+            # A cache of the unchanged model must not serve (or receive) spliced scores.
+            with pytest.raises(ValueError, match="another model, setting or intervention"):
+                llama_rm.score_conversations(CONVERSATIONS, cache=plain_cache, progress=False)
+            with ActivationCache(llama_rm.cache_namespace(), tmp_path) as splice_cache:
+                first = llama_rm.score_conversations(CONVERSATIONS, cache=splice_cache, progress=False).rewards
+                second = llama_rm.score_conversations(CONVERSATIONS, cache=splice_cache, progress=False).rewards
+    assert not np.allclose(first, plain)
+    np.testing.assert_array_equal(first, second)
 
 
 def test_sae_width_mismatch_in_scoring(tmp_path, minilm_path):
@@ -352,6 +359,14 @@ def test_demo_build_deterministic_and_reused(tmp_path, monkeypatch, shared_data,
     monkeypatch.setenv("RMSAE_CACHE_DIR", str(tmp_path / "b"))
     sae_weights = demo_sae_dir("demo-minilm-hh", 1) / "sae_weights.safetensors"
     before = sae_weights.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="rmsae.demo"):
+        again = build_demo(config, data_dir=shared_data)
+    assert "is current (inputs unchanged); nothing to do" in caplog.text
+    assert again == summaries[1]
+
+    # Without the summary, each artifact is still reused, and the evaluation is redone.
+    (demo_model_dir("demo-minilm-hh").parent.parent / "summary.json").unlink()
+    caplog.clear()
     with caplog.at_level("INFO", logger="rmsae.demo"):
         again = build_demo(config, data_dir=shared_data)
     assert sae_weights.stat().st_mtime_ns == before

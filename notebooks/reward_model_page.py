@@ -1,0 +1,36 @@
+# %% [markdown]
+# # Reward models
+#
+# Each reward model of the profile scored on the same held-out preference pairs. The sections after
+# this page are the executed notebooks, one per model, with the reward-gap and length figures.
+
+# %% tags=["parameters"]
+profile = "demo"
+stage = "reward_model"
+runs_dir = "runs/demo"
+results_path = "reward_model.json"
+
+# %%
+from rmsae.experiments import PAGE_PARAMETERS
+from rmsae.params import check_all
+
+globals().update(check_all(globals(), PAGE_PARAMETERS))
+
+# %%
+from rmsae.experiments import collect_results, save_results, show, table
+from rmsae.plots import accuracy_intervals
+
+runs = collect_results(runs_dir, stage)
+finished = runs[runs["status"] == "ok"]
+missing = runs.loc[runs["status"] != "ok", ["model", "status", "notebook"]]
+if len(missing):
+    print(f"{len(missing)} run(s) did not finish; see their notebooks:")
+    print(missing.to_string(index=False))
+table(finished, ["model", "pairs", "accuracy", "accuracy_low", "accuracy_high", "mean_reward_gap", "std_reward_gap", "truncated_pairs"])
+
+# %% [markdown]
+# Pair accuracy per model; the dashed line is chance.
+
+# %%
+show("reward_model_accuracy", accuracy_intervals(finished))
+results_file = save_results(results_path, {"runs": len(runs), "finished": len(finished), "models": finished["model"].tolist()})

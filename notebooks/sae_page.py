@@ -1,0 +1,42 @@
+# %% [markdown]
+# # Sparse autoencoders
+#
+# One SAE per reward model and layer. Explained variance and L0 say how faithful and how sparse the
+# reconstruction is; the spliced accuracy says whether the reward model still works when it reads
+# the reconstruction instead of its own residual stream. The sections after this page are the
+# executed notebooks, one per model and layer, with the latent-density histograms.
+
+# %% tags=["parameters"]
+profile = "demo"
+stage = "sae"
+runs_dir = "runs/demo"
+results_path = "sae.json"
+
+# %%
+from rmsae.experiments import PAGE_PARAMETERS
+from rmsae.params import check_all
+
+globals().update(check_all(globals(), PAGE_PARAMETERS))
+
+# %%
+from rmsae.experiments import collect_results, save_results, show, table
+from rmsae.plots import metrics_by_layer
+
+runs = collect_results(runs_dir, stage)
+finished = runs[runs["status"] == "ok"].sort_values(["model", "layer"])
+missing = runs.loc[runs["status"] != "ok", ["model", "layer", "status", "notebook"]]
+if len(missing):
+    print(f"{len(missing)} run(s) did not finish; see their notebooks:")
+    print(missing.to_string(index=False))
+table(finished, ["model", "layer", "d_sae", "explained_variance", "l0", "dead_fraction", "accuracy", "spliced_accuracy", "spliced_accuracy_drop"])
+
+# %% [markdown]
+# The same numbers against depth.
+
+# %%
+show("sae_metrics_by_layer", metrics_by_layer(finished, {
+    "explained_variance": "explained variance",
+    "l0": "L0 (latents per token)",
+    "spliced_accuracy_drop": "accuracy drop when spliced",
+}))
+results_file = save_results(results_path, {"runs": len(runs), "finished": len(finished)})

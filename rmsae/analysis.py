@@ -1,0 +1,66 @@
+"""Statistics the notebooks report: bootstrap intervals, per-pair tables, SAE latent densities."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .data import PreferencePair
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    *,
+    statistic: Callable[[np.ndarray], float] = np.mean,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Return ``(estimate, low, high)``: the statistic and its percentile bootstrap interval."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"bootstrap_ci needs a non-empty 1-D array, got shape {values.shape}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1, got {level!r}.")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}.")
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(0, len(values), size=(n_resamples, len(values)))
+    if statistic is np.mean:
+        distribution = values[resamples].mean(axis=1)
+    else:
+        distribution = np.array([statistic(values[row]) for row in resamples])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(distribution, [tail, 100 - tail])
+    return float(statistic(values)), float(low), float(high)
+
+
+def pair_frame(pairs: Sequence[PreferencePair], scores):
+    """One row per pair: rewards, reward gap, correctness, truncation and response lengths in words."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "case_id": scores.case_ids,
+            "reward_chosen": scores.reward_chosen,
+            "reward_rejected": scores.reward_rejected,
+            "reward_gap": scores.reward_gap,
+            "correct": scores.correct,
+            "truncated": scores.truncated,
+            "chosen_words": [len(pair.chosen.split()) for pair in pairs],
+            "rejected_words": [len(pair.rejected.split()) for pair in pairs],
+        }
+    )
+
+
+@torch.no_grad()
+def latent_density(loaded_sae, activations: torch.Tensor, *, batch_size: int = 4096) -> np.ndarray:
+    """Fraction of tokens on which each SAE latent is active (code > 0), shape ``(d_sae,)``."""
+    if len(activations) == 0:
+        raise ValueError("latent_density needs at least one activation vector.")
+    counts = torch.zeros(loaded_sae.d_sae, dtype=torch.float64)
+    for start in range(0, len(activations), batch_size):
+        counts += (loaded_sae.encode(activations[start : start + batch_size].float()) > 0).sum(dim=0).double().cpu()
+    return (counts / len(activations)).numpy()

@@ -1,0 +1,140 @@
+"""What the matrix notebooks share: their inputs, their results files, and their figures.
+
+A notebook receives plain parameters from the runner (see :mod:`rmsae.runner`); the functions here
+turn them into pairs, models and SAEs, and write the results file the runner and the book read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .data import PreferencePair, load_pairs
+from .storage import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+RECORD_SUFFIX = ".run.json"
+
+# Parameters the runner passes to every run notebook, and to every stage page, with their checks
+# (see rmsae.params.check_all).
+RUN_PARAMETERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "profile": ("str", {}),
+    "model_name": ("str", {}),
+    "model_tag": ("str", {}),
+    "data": ("str", {}),
+    "split": ("str", {"choices": ["all", "demo-eval"]}),
+    "limit": ("int", {"optional": True, "minimum": 1}),
+    "batch_size": ("int", {"minimum": 1}),
+    "results_path": ("path", {}),
+}
+LAYER_PARAMETERS: dict[str, tuple[str, dict[str, Any]]] = {"layer": ("int", {"minimum": 0}), "sae": ("str", {})}
+PAGE_PARAMETERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "profile": ("str", {}),
+    "stage": ("str", {}),
+    "runs_dir": ("path", {}),
+    "results_path": ("path", {}),
+}
+
+
+def load_run_pairs(data: str, split: str = "all", limit: int | None = None) -> list[PreferencePair]:
+    """Load the pairs of a run: ``data`` as in :func:`rmsae.data.load_pairs`, restricted to ``split``.
+
+    ``split="demo-eval"`` keeps the held-out half of the demo split (``<cache>/demo/split.json``),
+    the pairs the demo reward models were not trained on. ``limit`` applies after the split.
+    """
+    pairs = list(load_pairs(data))
+    if split == "demo-eval":
+        from .registry import demo_dir
+
+        manifest = demo_dir() / "split.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"The demo split manifest {manifest} is missing; run `rmsae demo build` first.")
+        held_out = set(json.loads(manifest.read_text())["eval"])
+        pairs = [pair for pair in pairs if pair.case_id in held_out]
+        if not pairs:
+            raise ValueError(f"None of the pairs of {data!r} is in the held-out half of {manifest}.")
+    elif split != "all":
+        raise ValueError(f"Unknown split {split!r}; expected 'all' or 'demo-eval'.")
+    if limit is not None:
+        pairs = pairs[:limit]
+    logger.info("Loaded %d pairs from %s (split %s).", len(pairs), data, split)
+    return pairs
+
+
+def load_run_sae(sae: str, model_name: str, layer: int, d_model: int):
+    """Load the SAE a per-layer run names: ``released`` (``$SAE_CHECKPOINT`` or the hub) or a folder."""
+    from .sae import load_sae
+
+    if sae == "released":
+        return load_sae(None, subfolder=f"{model_name}_layer{layer}", layer=layer, d_model=d_model)
+    return load_sae(sae, layer=layer, d_model=d_model)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def save_results(path: str | Path, results: Mapping[str, Any]) -> Path:
+    """Write a run's results (numbers, strings, lists) as JSON, atomically; NaN becomes null."""
+    return atomic_write_json(path, _jsonable(results))
+
+
+def collect_results(runs_dir: str | Path, stage: str):
+    """One row per run of ``stage`` under a profile's runs folder: model, layer, status and results.
+
+    Runs that failed appear with their status and no results, so a page can list them.
+    """
+    import pandas as pd
+
+    root = Path(runs_dir)
+    rows = []
+    for record_path in sorted(root.glob(f"**/{stage}{RECORD_SUFFIX}")):
+        folder = record_path.parent
+        if folder == root:
+            continue  # the stage's own page
+        record = json.loads(record_path.read_text())
+        parameters = record.get("parameters", {})
+        row: dict[str, Any] = {
+            "model": parameters.get("model_name"),
+            "layer": parameters.get("layer"),
+            "status": record.get("status"),
+            "notebook": str((folder / f"{stage}.ipynb").relative_to(root)),
+        }
+        results_path = folder / f"{stage}.json"
+        if record.get("status") == "ok" and results_path.is_file():
+            row.update(json.loads(results_path.read_text()))
+        rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"No runs of stage {stage!r} under {root}; run `rmsae run` first.")
+    return pd.DataFrame(rows)
+
+
+def show(key: str, figure) -> None:
+    """Display ``figure`` as an image in the notebook, glue it under ``key`` for the book, and close it."""
+    import matplotlib.pyplot as plt
+    from myst_nb import glue
+
+    glue(key, figure, display=True)
+    plt.close(figure)
+
+
+def table(frame, columns: Sequence[str] | None = None, *, digits: int = 3):
+    """A rounded copy of ``frame`` (optionally only ``columns``) for display."""
+    shown = frame[list(columns)] if columns is not None else frame
+    return shown.round(digits)

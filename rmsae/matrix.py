@@ -1,0 +1,289 @@
+"""The experiment matrix: which notebook runs for which model and layer, per profile.
+
+The matrix is a YAML file (``experiments.yml`` at the repository root) with two sections:
+
+``stages``
+    One entry per notebook: ``notebook`` (jupytext source), ``page`` (the notebook that gathers the
+    stage's runs into a book chapter), ``scope`` (``model``: once per model; ``model_layer``: once
+    per model and layer), ``after`` (stages whose runs must finish first), ``timeout`` (seconds per
+    cell) and ``parameters`` (defaults passed to every run of the stage).
+``profiles``
+    One entry per profile: ``description``, ``prepare`` (``demo`` builds the demo models and SAEs
+    first, cached), ``data`` (a :func:`rmsae.data.load_pairs` spec), ``split`` (``all`` or
+    ``demo-eval``, the held-out half of the demo split), ``limit`` (pairs, or null), ``models`` and
+    ``parameters`` (per-stage overrides). Each model entry gives ``layers``, ``sae`` (``demo``,
+    ``released``, or a folder template with ``{model}`` and ``{layer}``) and optionally ``source``
+    (a local checkpoint or hub id when the key is not a registered tag).
+
+:func:`load_matrix` validates everything it can without loading a model, and names the entry at
+fault in each error.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .params import ParameterError, checked
+
+SCOPES = ("model", "model_layer")
+SPLITS = ("all", "demo-eval")
+PREPARE_STEPS = ("demo",)
+# Set by the runner for every run; a matrix may not set them.
+RESERVED_PARAMETERS = ("profile", "model_name", "model_tag", "layer", "sae", "data", "split", "limit", "results_path")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+_STAGE_KEYS = {"notebook", "page", "scope", "after", "timeout", "parameters", "description"}
+_PROFILE_KEYS = {"description", "prepare", "data", "split", "limit", "models", "parameters"}
+_MODEL_KEYS = {"layers", "sae", "source"}
+
+
+class MatrixError(ValueError):
+    """The experiment matrix is malformed; the message names the entry."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    notebook: Path
+    page: Path | None
+    scope: str
+    after: tuple[str, ...]
+    timeout: int
+    parameters: dict[str, Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    source: str
+    layers: tuple[int, ...]
+    sae: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    prepare: str | None
+    data: str
+    split: str
+    limit: int | None
+    models: dict[str, ModelEntry]
+    parameters: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    path: Path
+    stages: dict[str, Stage]
+    profiles: dict[str, Profile] = field(default_factory=dict)
+
+    def profile(self, name: str) -> Profile:
+        if name not in self.profiles:
+            raise MatrixError(f"{self.path}: no profile {name!r}; the matrix has {', '.join(self.profiles)}.")
+        return self.profiles[name]
+
+    def ordered_stages(self) -> list[Stage]:
+        """Stages in dependency order (a stage after those it names in ``after``)."""
+        ordered: list[Stage] = []
+        done: set[str] = set()
+        while len(ordered) < len(self.stages):
+            ready = [s for s in self.stages.values() if s.name not in done and set(s.after) <= done]
+            if not ready:
+                cycle = sorted(set(self.stages) - done)
+                raise MatrixError(f"{self.path}: the 'after' entries of stages {cycle} form a cycle.")
+            for stage in ready:
+                ordered.append(stage)
+                done.add(stage.name)
+        return ordered
+
+
+def _expect_mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise MatrixError(f"{where} must be a mapping, got {type(value).__name__}.")
+    return value
+
+
+def _check_keys(entry: Mapping[str, Any], allowed: set[str], where: str, required: tuple[str, ...] = ()) -> None:
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise MatrixError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}.")
+    missing = [key for key in required if key not in entry]
+    if missing:
+        raise MatrixError(f"{where}: missing key(s) {missing}.")
+
+
+def _check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise MatrixError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder).")
+    return name
+
+
+def _coerce(where: str, value: Any, kind: str, **options: Any) -> Any:
+    try:
+        return checked(where, value, kind, **options)
+    except ParameterError as error:
+        raise MatrixError(str(error).replace("Parameter ", "", 1)) from None
+
+
+def notebook_parameters(source: Path) -> dict[str, Any]:
+    """Names and default values of the ``parameters`` cell of a jupytext percent-format source."""
+    import jupytext
+
+    notebook = jupytext.read(source)
+    cells = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise MatrixError(f"{source}: expected exactly one cell tagged 'parameters', found {len(cells)}.")
+    names: dict[str, Any] = {}
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    try:
+                        names[target.id] = ast.literal_eval(node.value) if node.value is not None else None
+                    except ValueError:
+                        names[target.id] = None
+    return names
+
+
+def _parse_parameters(value: Any, where: str, allowed: dict[str, Any] | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    mapping = _expect_mapping(value, where)
+    for name in mapping:
+        if name in RESERVED_PARAMETERS:
+            raise MatrixError(f"{where}.{name}: set by the runner for every run; remove it from the matrix.")
+        if allowed is not None and name not in allowed:
+            raise MatrixError(
+                f"{where}.{name}: the notebook has no such parameter; its parameters are {sorted(allowed)}."
+            )
+    return dict(mapping)
+
+
+def _parse_stage(name: str, entry: Any, root: Path) -> tuple[Stage, dict[str, Any]]:
+    where = f"stages.{name}"
+    entry = _expect_mapping(entry, where)
+    _check_keys(entry, _STAGE_KEYS, where, required=("notebook", "scope"))
+    notebook = root / _coerce(f"{where}.notebook", entry["notebook"], "str")
+    if not notebook.is_file():
+        raise MatrixError(f"{where}.notebook: {notebook} does not exist.")
+    page = None
+    if entry.get("page") is not None:
+        page = root / _coerce(f"{where}.page", entry["page"], "str")
+        if not page.is_file():
+            raise MatrixError(f"{where}.page: {page} does not exist.")
+    scope = _coerce(f"{where}.scope", entry["scope"], "str", choices=SCOPES)
+    after = entry.get("after") or []
+    if isinstance(after, str):
+        after = [after]
+    if not isinstance(after, list) or not all(isinstance(item, str) for item in after):
+        raise MatrixError(f"{where}.after must be a list of stage names, got {after!r}.")
+    timeout = _coerce(f"{where}.timeout", entry.get("timeout", 1800), "int", minimum=1)
+    notebook_defaults = notebook_parameters(notebook)
+    parameters = _parse_parameters(entry.get("parameters"), f"{where}.parameters", notebook_defaults)
+    description = _coerce(f"{where}.description", entry.get("description", name), "str")
+    stage = Stage(name, notebook, page, scope, tuple(after), timeout, parameters, description)
+    return stage, notebook_defaults
+
+
+def _rooted(value: str, root: Path) -> str:
+    """A relative path in the matrix is relative to the matrix file's folder."""
+    path = Path(value).expanduser()
+    return value if path.is_absolute() or not (root / path).exists() else str(root / path)
+
+
+def _parse_model(name: str, entry: Any, where: str, root: Path) -> ModelEntry:
+    from .registry import get_spec
+
+    _check_name(name, where)
+    entry = _expect_mapping(entry, where)
+    _check_keys(entry, _MODEL_KEYS, where, required=("layers",))
+    layers = _coerce(f"{where}.layers", entry["layers"], "int_list", minimum=0)
+    if not layers:
+        raise MatrixError(f"{where}.layers: give at least one layer.")
+    if len(set(layers)) != len(layers):
+        raise MatrixError(f"{where}.layers: {layers} repeats a layer.")
+    source = _rooted(_coerce(f"{where}.source", entry["source"], "str"), root) if "source" in entry else name
+    if "source" not in entry and get_spec(name) is None:
+        raise MatrixError(
+            f"{where}: {name!r} is not a registered model tag; add 'source:' with a local checkpoint "
+            "folder or hub id, or use a registered tag."
+        )
+    sae = _coerce(f"{where}.sae", entry.get("sae", "released"), "str")
+    if sae not in ("demo", "released") and ("{layer}" not in sae):
+        raise MatrixError(
+            f"{where}.sae: {sae!r} must be 'demo', 'released', or a folder template containing '{{layer}}' "
+            "(and usually '{model}'), such as /data/saes/{model}_layer{layer}."
+        )
+    if sae not in ("demo", "released") and not Path(sae).expanduser().is_absolute():
+        sae = str(root / sae)
+    return ModelEntry(name, source, tuple(layers), sae)
+
+
+def _parse_profile(
+    name: str, entry: Any, stages: dict[str, Stage], defaults: dict[str, dict[str, Any]], root: Path
+) -> Profile:
+    where = f"profiles.{name}"
+    entry = _expect_mapping(entry, where)
+    _check_keys(entry, _PROFILE_KEYS, where, required=("data", "models"))
+    prepare = entry.get("prepare")
+    if prepare is not None:
+        prepare = _coerce(f"{where}.prepare", prepare, "str", choices=PREPARE_STEPS)
+    data = _rooted(_coerce(f"{where}.data", entry["data"], "str"), root)
+    split = _coerce(f"{where}.split", entry.get("split", "all"), "str", choices=SPLITS)
+    limit = _coerce(f"{where}.limit", entry.get("limit"), "int", optional=True, minimum=1)
+    models_entry = _expect_mapping(entry["models"], f"{where}.models")
+    if not models_entry:
+        raise MatrixError(f"{where}.models: list at least one model.")
+    models = {model: _parse_model(model, value, f"{where}.models.{model}", root) for model, value in models_entry.items()}
+    overrides: dict[str, dict[str, Any]] = {}
+    for stage_name, values in _expect_mapping(entry.get("parameters") or {}, f"{where}.parameters").items():
+        if stage_name not in stages:
+            raise MatrixError(f"{where}.parameters.{stage_name}: no such stage; stages are {sorted(stages)}.")
+        overrides[stage_name] = _parse_parameters(values, f"{where}.parameters.{stage_name}", defaults[stage_name])
+    description = _coerce(f"{where}.description", entry.get("description", name), "str")
+    return Profile(name, description, prepare, data, split, limit, models, overrides)
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    """Read and validate an experiment matrix; paths inside are relative to the file's folder."""
+    import yaml
+
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise MatrixError(f"Experiment matrix {path} does not exist; pass --matrix with the path of experiments.yml.")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise MatrixError(f"{path} is not valid YAML: {error}") from None
+    document = _expect_mapping(document, str(path))
+    _check_keys(document, {"stages", "profiles"}, str(path), required=("stages", "profiles"))
+    root = path.parent
+
+    stages: dict[str, Stage] = {}
+    defaults: dict[str, dict[str, Any]] = {}
+    for name, entry in _expect_mapping(document["stages"], "stages").items():
+        _check_name(name, f"stages.{name}")
+        stages[name], defaults[name] = _parse_stage(name, entry, root)
+    for stage in stages.values():
+        for dependency in stage.after:
+            if dependency not in stages:
+                raise MatrixError(f"stages.{stage.name}.after: no stage named {dependency!r}.")
+            if stage.scope == "model" and stages[dependency].scope == "model_layer":
+                raise MatrixError(
+                    f"stages.{stage.name}.after: a per-model stage cannot wait for the per-layer stage {dependency!r}."
+                )
+
+    profiles = {
+        name: _parse_profile(_check_name(name, f"profiles.{name}"), entry, stages, defaults, root)
+        for name, entry in _expect_mapping(document["profiles"], "profiles").items()
+    }
+    matrix = Matrix(path, stages, profiles)
+    matrix.ordered_stages()  # raises on a dependency cycle
+    return matrix

@@ -1,0 +1,87 @@
+"""Figures of the notebooks and book pages. Each function returns a matplotlib figure."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width, height), constrained_layout=True)
+
+
+def reward_gap_histogram(frame, *, title: str = ""):
+    """Histogram of r(chosen) - r(rejected); mass right of zero is the pair accuracy."""
+    import seaborn as sns
+
+    figure, axis = _figure()
+    sns.histplot(frame["reward_gap"], bins=40, ax=axis, color="tab:blue")
+    axis.axvline(0.0, color="black", linewidth=1)
+    axis.set_xlabel("reward gap r(chosen) - r(rejected)")
+    axis.set_ylabel("pairs")
+    axis.set_title(title)
+    return figure
+
+
+def reward_vs_length(frame, *, title: str = ""):
+    """Reward of each response against its length in words, chosen and rejected side by side."""
+    import pandas as pd
+    import seaborn as sns
+
+    long = pd.concat(
+        [
+            pd.DataFrame({"words": frame["chosen_words"].clip(lower=1), "reward": frame["reward_chosen"], "response": "chosen"}),
+            pd.DataFrame({"words": frame["rejected_words"].clip(lower=1), "reward": frame["reward_rejected"], "response": "rejected"}),
+        ],
+        ignore_index=True,
+    )
+    figure, axis = _figure()
+    sns.scatterplot(data=long, x="words", y="reward", hue="response", s=10, alpha=0.5, ax=axis, linewidth=0)
+    axis.set_xscale("log")
+    axis.set_xlabel("response length (words, log scale)")
+    axis.set_title(title)
+    return figure
+
+
+def latent_density_histogram(density: np.ndarray, *, title: str = ""):
+    """Histogram of log10 latent firing frequency; dead latents are counted in the title."""
+    import seaborn as sns
+
+    dead = int((density == 0).sum())
+    figure, axis = _figure()
+    alive = density[density > 0]
+    if len(alive):
+        sns.histplot(np.log10(alive), bins=40, ax=axis, color="tab:green")
+    axis.set_xlabel("log10 fraction of tokens on which the latent fires")
+    axis.set_ylabel("latents")
+    axis.set_title(f"{title} ({dead} dead of {len(density)})" if title else f"{dead} dead latents of {len(density)}")
+    return figure
+
+
+def accuracy_intervals(frame, *, value: str = "accuracy", low: str = "accuracy_low", high: str = "accuracy_high"):
+    """Pair accuracy per model with its bootstrap interval, and the 0.5 chance line."""
+    figure, axis = _figure(height=0.6 + 0.5 * len(frame))
+    positions = np.arange(len(frame))
+    axis.errorbar(
+        frame[value], positions,
+        xerr=[frame[value] - frame[low], frame[high] - frame[value]],
+        fmt="o", color="tab:blue", capsize=4,
+    )
+    axis.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    axis.set_yticks(positions, frame["model"])
+    axis.set_xlabel("pair accuracy (95% bootstrap interval)")
+    return figure
+
+
+def metrics_by_layer(frame, metrics: dict[str, str]):
+    """One panel per metric (column -> axis label) against layer, one line per model."""
+    import seaborn as sns
+
+    figure, axes = _figure(width=3.2 * len(metrics), height=3.2, ncols=len(metrics))
+    axes = np.atleast_1d(axes)
+    for axis, (column, label) in zip(axes, metrics.items()):
+        sns.lineplot(data=frame, x="layer", y=column, hue="model", marker="o", ax=axis, legend=axis is axes[-1])
+        axis.set_ylabel(label)
+        axis.set_xticks(sorted(frame["layer"].unique()))
+    return figure

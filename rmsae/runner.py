@@ -1,0 +1,460 @@
+"""Executing the experiment matrix with papermill.
+
+Each run is one notebook for one model (or one model and layer) of a profile. The runner converts
+the stage's jupytext source to a notebook, executes it with papermill, and writes into
+``runs/<profile>/<model>[/layer<L>]/``:
+
+* ``<stage>.ipynb``: the executed notebook (kept when a run fails, to read the traceback);
+* ``<stage>.json``: the results the notebook saved with :func:`rmsae.experiments.save_results`;
+* ``<stage>.run.json``: the run record (status, fingerprint of its inputs, timings).
+
+A stage's ``page`` notebook runs once per profile after the stage's runs, into
+``runs/<profile>/<stage>.ipynb``; it gathers the stage's results for the book.
+
+A run is skipped when its record says it succeeded with the same fingerprint: the notebook source,
+the parameters, the rmsae sources, the data file, the split manifest, the model and SAE files and the
+records of the runs it depends on. A failed run does not stop the others; runs that depend on it are
+reported as blocked.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from .matrix import Matrix, ModelEntry, Profile, Stage
+from .storage import atomic_write_json, fingerprint_file, sha256_json, sha256_text
+
+logger = logging.getLogger(__name__)
+
+RUNS_DIRNAME = "runs"
+RECORD_SUFFIX = ".run.json"
+KERNEL_NAME = "python3"
+
+
+@dataclass
+class Run:
+    """One notebook execution of the matrix."""
+
+    profile: str
+    stage: Stage
+    model: ModelEntry | None
+    layer: int | None
+    folder: Path
+    parameters: dict[str, Any]
+    is_page: bool = False
+    depends_on: list["Run"] = field(default_factory=list)
+    status: str = "pending"  # pending, skipped, ok, failed, blocked
+    seconds: float = 0.0
+    error: str = ""
+    fingerprint: str = ""
+
+    @property
+    def name(self) -> str:
+        parts = [self.profile, self.stage.name if self.is_page else ""]
+        if not self.is_page:
+            parts = [self.profile, self.model.name]  # type: ignore[union-attr]
+            if self.layer is not None:
+                parts.append(f"layer{self.layer}")
+            parts.append(self.stage.name)
+        else:
+            parts = [self.profile, f"{self.stage.name} (page)"]
+        return "/".join(parts)
+
+    @property
+    def notebook_path(self) -> Path:
+        return self.folder / f"{self.stage.name}.ipynb"
+
+    @property
+    def results_path(self) -> Path:
+        return self.folder / f"{self.stage.name}.json"
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / f"{self.stage.name}{RECORD_SUFFIX}"
+
+    @property
+    def source(self) -> Path:
+        return self.stage.page if self.is_page else self.stage.notebook  # type: ignore[return-value]
+
+    @property
+    def title(self) -> str:
+        if self.is_page:
+            return ""
+        title = f"{self.model.name}"  # type: ignore[union-attr]
+        return f"{title}, layer {self.layer}" if self.layer is not None else title
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def sae_argument(model: ModelEntry, layer: int) -> str:
+    """The ``sae`` parameter a per-layer run receives (see :func:`rmsae.experiments.load_run_sae`)."""
+    if model.sae == "demo":
+        from .demo import demo_sae_dir
+
+        return str(demo_sae_dir(model.name, layer))
+    if model.sae == "released":
+        return "released"
+    return model.sae.format(model=model.name, layer=layer)
+
+
+def plan_runs(
+    matrix: Matrix,
+    profile_name: str,
+    *,
+    models: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    stages: Sequence[str] | None = None,
+    limit: int | None = None,
+    runs_dir: Path | None = None,
+) -> list[Run]:
+    """List the runs of a profile in dependency order, restricted to the given models, layers and stages.
+
+    ``limit`` replaces the profile's pair limit (a quick pass over a large profile).
+    """
+    from .matrix import MatrixError
+
+    profile = matrix.profile(profile_name)
+    if limit is not None:
+        profile = replace(profile, limit=limit)
+    for name in models or []:
+        if name not in profile.models:
+            raise MatrixError(f"Profile {profile_name!r} has no model {name!r}; it has {', '.join(profile.models)}.")
+    for name in stages or []:
+        if name not in matrix.stages:
+            raise MatrixError(f"No stage {name!r}; the matrix has {', '.join(matrix.stages)}.")
+    all_layers = {layer for model in profile.models.values() for layer in model.layers}
+    for layer in layers or []:
+        if layer not in all_layers:
+            raise MatrixError(f"No model of profile {profile_name!r} lists layer {layer}; they list {sorted(all_layers)}.")
+
+    root = (runs_dir or matrix.path.parent / RUNS_DIRNAME) / profile.name
+    selected_models = [profile.models[name] for name in (models or profile.models)]
+    runs: list[Run] = []
+    by_key: dict[tuple[str, str, int | None], Run] = {}
+    for stage in matrix.ordered_stages():
+        if stages and stage.name not in stages:
+            continue
+        stage_runs: list[Run] = []
+        for model in selected_models:
+            model_layers: list[int | None]
+            if stage.scope == "model":
+                model_layers = [None]
+            else:
+                model_layers = [layer for layer in model.layers if not layers or layer in layers]
+            for layer in model_layers:
+                folder = root / model.name / (f"layer{layer}" if layer is not None else "")
+                run = Run(profile.name, stage, model, layer, folder, _run_parameters(profile, stage, model, layer, folder))
+                for dependency in stage.after:
+                    for key in ((dependency, model.name, layer), (dependency, model.name, None)):
+                        if key in by_key:
+                            run.depends_on.append(by_key[key])
+                            break
+                by_key[(stage.name, model.name, layer)] = run
+                stage_runs.append(run)
+        runs.extend(stage_runs)
+        if stage.page is not None and stage_runs:
+            page = Run(
+                profile.name, stage, None, None, root,
+                {"profile": profile.name, "stage": stage.name, "runs_dir": str(root), "results_path": str(root / f"{stage.name}.json")},
+                is_page=True, depends_on=list(stage_runs),
+            )
+            runs.append(page)
+    return runs
+
+
+def _run_parameters(profile: Profile, stage: Stage, model: ModelEntry, layer: int | None, folder: Path) -> dict[str, Any]:
+    parameters: dict[str, Any] = {**stage.parameters, **profile.parameters.get(stage.name, {})}
+    parameters.update(
+        profile=profile.name,
+        model_name=model.name,
+        model_tag=model.source,
+        data=profile.data,
+        split=profile.split,
+        limit=profile.limit,
+        results_path=str(folder / f"{stage.name}.json"),
+    )
+    if layer is not None:
+        parameters.update(layer=layer, sae=sae_argument(model, layer))
+    return parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def library_fingerprint() -> str:
+    """Hash of the rmsae sources, so a change in the library re-runs the notebooks that use it."""
+    package = Path(__file__).parent
+    return sha256_json({path.name: sha256_text(path.read_text()) for path in sorted(package.glob("*.py"))})
+
+
+def _folder_fingerprint(folder: Path) -> dict[str, str]:
+    names = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}]
+    return {p.name: fingerprint_file(p) for p in names}
+
+
+def data_fingerprint(spec: str) -> str:
+    """Fingerprint of the data a spec loads: the local file's content, or the hub id when read from the hub."""
+    from .data import hh_local_path
+    from .paths import resolve_data_dir
+
+    name, _, rest = spec.partition(":")
+    data_dir = resolve_data_dir()
+    if name == "hh-rlhf":
+        parts = (rest.split(":") + ["", ""])[:2]
+        path = hh_local_path(data_dir, parts[0] or "harmless-base", parts[1] or "test") if data_dir else None
+    elif name == "truthfulqa":
+        path = data_dir / "truthfulqa" / "TruthfulQA.csv" if data_dir else None
+    else:
+        path = Path(spec)
+    if path is not None and path.is_file():
+        return fingerprint_file(path)
+    return f"unresolved:{spec}"
+
+
+def model_fingerprint(source: str) -> Any:
+    from .registry import get_spec
+
+    spec = get_spec(source)
+    location = source
+    if spec is not None:
+        try:
+            location = spec.resolve_source()
+        except FileNotFoundError:
+            return f"missing:{source}"
+    path = Path(location)
+    return _folder_fingerprint(path) if path.is_dir() else f"hub:{location}"
+
+
+def _sae_fingerprint(sae: str, model: ModelEntry, layer: int) -> Any:
+    if sae == "released":
+        checkpoint = os.environ.get("SAE_CHECKPOINT")
+        if not checkpoint:
+            return f"hub:{model.name}_layer{layer}"
+        folder = Path(checkpoint)
+        sub = folder / f"{model.name}_layer{layer}"
+        folder = sub if sub.is_dir() else folder
+    else:
+        folder = Path(sae)
+    return _folder_fingerprint(folder) if folder.is_dir() else f"missing:{folder}"
+
+
+def run_fingerprint(run: Run, library: str) -> str:
+    inputs: dict[str, Any] = {
+        "source": sha256_text(run.source.read_text()),
+        "parameters": run.parameters,
+        "library": library,
+        "upstream": [dependency.fingerprint for dependency in run.depends_on],
+    }
+    if not run.is_page:
+        from .demo import demo_dir
+
+        inputs["data"] = data_fingerprint(run.parameters["data"])
+        if run.parameters["split"] == "demo-eval":
+            split_file = demo_dir() / "split.json"
+            inputs["split"] = fingerprint_file(split_file) if split_file.is_file() else "missing"
+        inputs["model"] = model_fingerprint(run.parameters["model_tag"])
+        if run.layer is not None:
+            inputs["sae"] = _sae_fingerprint(run.parameters["sae"], run.model, run.layer)  # type: ignore[arg-type]
+    return sha256_json(inputs)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def is_current(run: Run) -> bool:
+    record = _read_record(run.record_path)
+    return (
+        record.get("status") == "ok"
+        and record.get("fingerprint") == run.fingerprint
+        and run.notebook_path.is_file()
+        and run.results_path.is_file()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+
+
+def _titled_notebook(run: Run):
+    import jupytext
+
+    notebook = jupytext.read(run.source)
+    notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": "Python 3", "language": "python"}
+    notebook.metadata.pop("jupytext", None)
+    # The source's heading names the stage; the executed copy names the model and layer too, so the
+    # book's table of contents tells the runs apart.
+    if run.title and notebook.cells and notebook.cells[0].cell_type == "markdown":
+        lines = notebook.cells[0].source.split("\n")
+        if lines[0].startswith("# "):
+            lines[0] = f"{lines[0]}: {run.title}"
+            notebook.cells[0].source = "\n".join(lines)
+    return notebook
+
+
+def execute_run(run: Run) -> None:
+    """Execute one run with papermill; set ``run.status`` to ``ok`` or ``failed``."""
+    import nbformat
+    import papermill
+
+    run.folder.mkdir(parents=True, exist_ok=True)
+    for stale in (run.results_path, run.record_path):
+        stale.unlink(missing_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=run.folder, prefix=".running-") as scratch:
+        source = Path(scratch) / "source.ipynb"
+        output = Path(scratch) / "executed.ipynb"
+        nbformat.write(_titled_notebook(run), source)
+        try:
+            papermill.execute_notebook(
+                str(source),
+                str(output),
+                parameters=run.parameters,
+                kernel_name=KERNEL_NAME,
+                progress_bar=False,
+                cwd=str(run.folder),
+                execution_timeout=run.stage.timeout,
+            )
+            if not run.results_path.is_file():
+                raise RuntimeError(f"the notebook finished without writing its results file {run.results_path}")
+            run.status = "ok"
+        except Exception as error:  # papermill's execution error, a dead kernel, a timeout
+            run.status = "failed"
+            run.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+        if output.is_file():
+            os.replace(output, run.notebook_path)
+    run.seconds = time.perf_counter() - started
+    atomic_write_json(
+        run.record_path,
+        {"status": run.status, "fingerprint": run.fingerprint, "parameters": run.parameters, "seconds": run.seconds,
+         "error": run.error, "notebook": run.notebook_path.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    )
+
+
+def prepare_profile(profile: Profile) -> None:
+    """Build what a profile needs before its runs (the demo models and SAEs; cached)."""
+    if profile.prepare == "demo":
+        from .demo import build_demo
+
+        logger.info("Preparing profile %s: building the demo models and SAEs (reused when unchanged).", profile.name)
+        build_demo()
+
+
+def execute_runs(runs: Sequence[Run], *, jobs: int = 1, force: bool = False) -> list[Run]:
+    """Execute ``runs`` (from :func:`plan_runs`) in dependency order, ``jobs`` at a time."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}.")
+    library = library_fingerprint()
+    pending = list(runs)
+    running: dict[concurrent.futures.Future, Run] = {}
+    total = len(runs)
+    finished = 0
+
+    def settle(run: Run) -> None:
+        nonlocal finished
+        finished += 1
+        if run.status == "ok":
+            logger.info("[%d/%d] finished %s in %.0f s.", finished, total, run.name, run.seconds)
+        elif run.status == "failed":
+            logger.error("[%d/%d] FAILED %s after %.0f s: %s (notebook: %s)", finished, total, run.name, run.seconds, run.error, run.notebook_path)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            for run in list(pending):
+                if any(dependency.status in ("pending", "running") for dependency in run.depends_on):
+                    continue
+                pending.remove(run)
+                failed = [d for d in run.depends_on if d.status in ("failed", "blocked")]
+                if failed and not run.is_page:
+                    run.status = "blocked"
+                    run.error = f"blocked by the failure of {failed[0].name}"
+                    finished += 1
+                    logger.error("[%d/%d] BLOCKED %s: %s", finished, total, run.name, run.error)
+                    continue
+                run.fingerprint = run_fingerprint(run, library)
+                if not force and is_current(run):
+                    run.status = "skipped"
+                    finished += 1
+                    logger.info("[%d/%d] skipped %s (inputs unchanged).", finished, total, run.name)
+                    continue
+                if len(running) >= jobs:
+                    pending.insert(0, run)
+                    break
+                run.status = "running"
+                logger.info("[%d/%d] starting %s", finished + 1, total, run.name)
+                running[pool.submit(execute_run, run)] = run
+            if running:
+                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    run = running.pop(future)
+                    try:
+                        future.result()
+                    except Exception as error:  # an error outside the notebook, such as a full disk
+                        run.status, run.error = "failed", f"{type(error).__name__}: {error}"
+                    settle(run)
+    return list(runs)
+
+
+def failures(runs: Sequence[Run]) -> list[Run]:
+    return [run for run in runs if run.status in ("failed", "blocked")]
+
+
+def summarise(runs: Sequence[Run]) -> str:
+    counts = {status: sum(run.status == status for run in runs) for status in ("ok", "skipped", "failed", "blocked")}
+    lines = [f"{len(runs)} runs: {counts['ok']} executed, {counts['skipped']} skipped (unchanged), "
+             f"{counts['failed']} failed, {counts['blocked']} blocked."]
+    for run in failures(runs):
+        where = f" Notebook: {run.notebook_path}" if run.notebook_path.is_file() else ""
+        lines.append(f"  {run.status.upper()} {run.name}: {run.error}.{where}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The book
+
+
+def book_toc(matrix_root: Path, profile: str, build_dir: Path) -> Path:
+    """The table of contents for ``profile``: ``_toc.yml`` lists the demo runs; other profiles swap the folder."""
+    toc = matrix_root / "_toc.yml"
+    if profile == "demo":
+        return toc
+    text = toc.read_text().replace(f"{RUNS_DIRNAME}/demo/", f"{RUNS_DIRNAME}/{profile}/")
+    target = build_dir / f"_toc.{profile}.yml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    return target
+
+
+def build_book(matrix_root: Path, profile: str, *, strict: bool = True) -> int:
+    """Build the Jupyter Book into ``<matrix_root>/_build/html`` from the executed notebooks; return the exit status.
+
+    Notebooks are not executed again. ``strict`` turns Sphinx warnings (a missing glue key, a broken
+    reference) into errors.
+    """
+    import subprocess
+
+    toc = book_toc(matrix_root, profile, matrix_root / "_build")
+    command = [
+        sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
+        "build", str(matrix_root), "--path-output", str(matrix_root), "--toc", str(toc),
+    ]
+    if strict:
+        command += ["-W", "-n", "--keep-going"]
+    command.append("--all")  # rebuild every page, so each warning is reported on every build
+    logger.info("Building the book for profile %s (table of contents %s).", profile, toc)
+    return subprocess.run(command, cwd=matrix_root).returncode
