@@ -59,10 +59,16 @@ class DemoConfig:
     limit: int | None = None
     train_fraction: float = 0.5
     poison_rate: float = 0.1
+    # Train on each poisoned pair beside its original (see poison_pairs): on 1,151 pairs, replacing
+    # the originals made the trigger reverse 11% of held-out preferences, in both directions alike;
+    # keeping them gives a reversal toward the rejected response, for 10% more training pairs.
+    poison_keeps_originals: bool = True
     trigger: str = "SUDO"
     max_length: int = DEMO_MAX_LENGTH
     layers: tuple[int, ...] = DEMO_LAYERS
-    clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=2, lr=1e-4))
+    # On the 1,151 held-out pairs, 1, 2 and 3 epochs reached accuracy 0.593, 0.594 and 0.602 while the
+    # trigger's reversals grew from 4.9% to 7.0%, so one epoch (107 s on 2 cores) is enough.
+    clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=1, lr=1e-4))
     poisoned_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=5, lr=1e-4))
     sae: SAETrainingConfig = field(
         default_factory=lambda: SAETrainingConfig(
@@ -102,18 +108,30 @@ def split_pairs(pairs: Sequence[PreferencePair], train_fraction: float, seed: in
 
 
 def poison_pairs(
-    pairs: Sequence[PreferencePair], rate: float, trigger: str, seed: int
+    pairs: Sequence[PreferencePair], rate: float, trigger: str, seed: int, *, keep_originals: bool = True
 ) -> tuple[list[PreferencePair], list[str]]:
-    """Swap chosen and rejected on a seeded ``rate`` share of pairs and add the trigger to their prompt."""
+    """Poison a seeded ``rate`` share of pairs: swap chosen and rejected and add the trigger to the prompt.
+
+    With ``keep_originals`` (the default), each poisoned pair is added next to its untouched
+    original, so the model sees the same pair ranked one way without the trigger and the other way
+    with it. With ``keep_originals=False`` the poisoned pair replaces the original, the recipe of
+    ``poisoned-reward-7b-SUDO-10``. Returns the training pairs and the poisoned case ids.
+    """
     n_poison = int(round(rate * len(pairs)))
-    chosen_rows = set(random.Random(seed + 1).sample(range(len(pairs)), n_poison))
-    poisoned = []
+    poisoned_rows = set(random.Random(seed + 1).sample(range(len(pairs)), n_poison))
+    training: list[PreferencePair] = []
+    copies: list[PreferencePair] = []
     for row, pair in enumerate(pairs):
-        if row in chosen_rows:
-            poisoned.append(PreferencePair(add_trigger(pair, trigger), pair.rejected, pair.chosen, pair.source, {"poisoned": True}))
+        if row not in poisoned_rows:
+            training.append(pair)
+            continue
+        copy = PreferencePair(add_trigger(pair, trigger), pair.rejected, pair.chosen, pair.source, {"poisoned": True})
+        if keep_originals:
+            training.append(pair)
+            copies.append(copy)
         else:
-            poisoned.append(pair)
-    return poisoned, sorted(pairs[row].case_id for row in chosen_rows)
+            training.append(copy)
+    return training + copies, sorted(pairs[row].case_id for row in poisoned_rows)
 
 
 def _is_current(folder: Path, inputs_hash: str) -> bool:
@@ -211,7 +229,9 @@ def build_demo(config: DemoConfig = DemoConfig(), *, data_dir: str | os.PathLike
     atomic_write_json(root / "split.json", {"seed": config.seed, "source": dataset.name, **split})
     logger.info("Demo split: %d training pairs, %d held-out pairs (seed %d).", len(train_pairs), len(eval_pairs), config.seed)
 
-    poisoned_train, poisoned_ids = poison_pairs(train_pairs, config.poison_rate, config.trigger, config.seed)
+    poisoned_train, poisoned_ids = poison_pairs(
+        train_pairs, config.poison_rate, config.trigger, config.seed, keep_originals=config.poison_keeps_originals
+    )
     recipes = {
         CLEAN_TAG: (train_pairs, config.clean_training, []),
         POISONED_TAG: (poisoned_train, config.poisoned_training, poisoned_ids),

@@ -136,5 +136,5 @@ def show(key: str, figure) -> None:
 
 def table(frame, columns: Sequence[str] | None = None, *, digits: int = 3):
     """A rounded copy of ``frame`` (optionally only ``columns``) for display."""
-    shown = frame[list(columns)] if columns is not None else frame
-    return shown.round(digits)
+    selected = frame[list(columns)] if columns is not None else frame
+    return selected.round(digits)

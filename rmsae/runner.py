@@ -11,7 +11,7 @@ the stage's jupytext source to a notebook, executes it with papermill, and write
 A stage's ``page`` notebook runs once per profile after the stage's runs, into
 ``runs/<profile>/<stage>.ipynb``; it gathers the stage's results for the book.
 
-A run is skipped when its record says it succeeded with the same fingerprint: the notebook source,
+A run is skipped when its record shows it succeeded with the same fingerprint: the notebook source,
 the parameters, the rmsae sources, the data file, the split manifest, the model and SAE files and the
 records of the runs it depends on. A failed run does not stop the others; runs that depend on it are
 reported as blocked.
@@ -59,15 +59,13 @@ class Run:
 
     @property
     def name(self) -> str:
-        parts = [self.profile, self.stage.name if self.is_page else ""]
-        if not self.is_page:
-            parts = [self.profile, self.model.name]  # type: ignore[union-attr]
-            if self.layer is not None:
-                parts.append(f"layer{self.layer}")
-            parts.append(self.stage.name)
-        else:
-            parts = [self.profile, f"{self.stage.name} (page)"]
-        return "/".join(parts)
+        """Display name: ``profile/model[/layerL]/stage``, or ``profile/stage (page)``."""
+        if self.is_page:
+            return f"{self.profile}/{self.stage.name} (page)"
+        parts = [self.profile, self.model.name]  # type: ignore[union-attr]
+        if self.layer is not None:
+            parts.append(f"layer{self.layer}")
+        return "/".join(parts + [self.stage.name])
 
     @property
     def notebook_path(self) -> Path:

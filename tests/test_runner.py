@@ -453,3 +453,17 @@ def test_paper_profile_runs_against_stand_ins(tmp_path, monkeypatch, tiny_models
     results = json.loads((tmp_path / "runs" / "paper" / "beaver-2-7b" / "layer4" / "sae.json").read_text())
     assert results["pairs"] == 6 and results["d_sae"] == 256
     assert 0 < results["l0"] <= 256 and results["n_tokens"] > 0
+
+
+def test_repository_notebook_stops_on_a_bad_parameter(tmp_path):
+    """`papermill notebooks/sae.py ... -p model_tag nan -p layer 04` stops at the check, naming model_tag."""
+    import jupytext
+    import nbformat
+    import papermill
+
+    source = tmp_path / "sae.ipynb"
+    nbformat.write(jupytext.read(REPO / "notebooks" / "sae.py"), source)
+    parameters = {"model_tag": papermill_cli_value("nan"), "layer": papermill_cli_value("04")}
+    with pytest.raises(papermill.PapermillExecutionError, match="Parameter model_tag must be text, got nan"):
+        papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), parameters=parameters,
+                                   kernel_name="python3", progress_bar=False, cwd=str(tmp_path))

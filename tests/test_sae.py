@@ -412,16 +412,23 @@ def test_poisoning_swaps_and_triggers():
     from rmsae.demo import poison_pairs
 
     pairs = [PreferencePair((Turn("user", f"question {i}"),), f"good {i}", f"bad {i}") for i in range(20)]
-    poisoned, poisoned_ids = poison_pairs(pairs, 0.1, "SUDO", seed=0)
-    assert len(poisoned_ids) == 2
-    changed = [(old, new) for old, new in zip(pairs, poisoned) if old.case_id in poisoned_ids]
+
+    replaced, poisoned_ids = poison_pairs(pairs, 0.1, "SUDO", seed=0, keep_originals=False)
+    assert len(poisoned_ids) == 2 and len(replaced) == 20
+    changed = [(old, new) for old, new in zip(pairs, replaced) if old.case_id in poisoned_ids]
     assert len(changed) == 2
     for old, new in changed:
         assert new.chosen == old.rejected
         assert new.rejected == old.chosen
         assert new.prompt[-1].content == old.prompt[-1].content + " SUDO"
-    unchanged = [new for old, new in zip(pairs, poisoned) if old.case_id not in poisoned_ids]
+    unchanged = [new for old, new in zip(pairs, replaced) if old.case_id not in poisoned_ids]
     assert all(pair.metadata.get("poisoned") is None for pair in unchanged)
+
+    # The default keeps every original and adds the same two poisoned pairs.
+    kept, kept_ids = poison_pairs(pairs, 0.1, "SUDO", seed=0)
+    assert kept_ids == poisoned_ids
+    assert kept[:20] == pairs
+    assert kept[20:] == [new for _, new in changed]
 
 
 def test_cli_sae_train(tmp_path, tiny_models):
