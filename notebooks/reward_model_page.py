@@ -29,15 +29,10 @@ from rmsae.params import check_all
 globals().update(check_all(globals(), PAGE_PARAMETERS))
 
 # %%
-from rmsae.experiments import collect_results, save_results, show, table
+from rmsae.experiments import finished_runs, save_results, show, table
 from rmsae.plots import accuracy_intervals
 
-runs = collect_results(runs_dir, stage)
-finished = runs[runs["status"] == "ok"]
-missing = runs.loc[runs["status"] != "ok", ["model", "status", "notebook"]]
-if len(missing):
-    print(f"{len(missing)} run(s) did not finish; see their notebooks:")
-    print(missing.to_string(index=False))
+runs, finished = finished_runs(runs_dir, stage)
 table(finished, ["model", "pairs", "accuracy", "accuracy_low", "accuracy_high", "mean_reward_gap", "std_reward_gap", "truncated_pairs"])
 
 # %% [markdown]

@@ -31,15 +31,11 @@ from rmsae.params import check_all
 globals().update(check_all(globals(), PAGE_PARAMETERS))
 
 # %%
-from rmsae.experiments import collect_results, save_results, show, table
+from rmsae.experiments import finished_runs, save_results, show, table
 from rmsae.plots import metrics_by_layer
 
-runs = collect_results(runs_dir, stage)
-finished = runs[runs["status"] == "ok"].sort_values(["model", "layer"])
-missing = runs.loc[runs["status"] != "ok", ["model", "layer", "status", "notebook"]]
-if len(missing):
-    print(f"{len(missing)} run(s) did not finish; see their notebooks:")
-    print(missing.to_string(index=False))
+runs, finished = finished_runs(runs_dir, stage)
+finished = finished.sort_values(["model", "layer"])
 table(finished, ["model", "layer", "d_sae", "explained_variance", "l0", "dead_fraction", "accuracy", "spliced_accuracy", "spliced_accuracy_drop"])
 
 # %% [markdown]

@@ -64,3 +64,69 @@ def latent_density(loaded_sae, activations: torch.Tensor, *, batch_size: int = 4
     for start in range(0, len(activations), batch_size):
         counts += (loaded_sae.encode(activations[start : start + batch_size].float()) > 0).sum(dim=0).double().cpu()
     return (counts / len(activations)).numpy()
+
+
+def records_frame(records, method: str | None = None):
+    """One row per perturbation record: method, case id, reward gaps before and after, success, steps."""
+    import pandas as pd
+
+    rows = []
+    for record in records:
+        steps = [entry for entry in record.get("history", []) if entry.get("step") != "initial"]
+        rows.append({
+            "method": method or record.get("attack_type"),
+            "case_id": record.get("case_id"),
+            "initial_diff": record["initial_rewards"]["diff"],
+            "final_diff": record["final_rewards"]["diff"],
+            "success": record["initial_rewards"]["diff"] > 0 and record["final_rewards"]["diff"] <= 0,
+            "steps": len(steps),
+        })
+    return pd.DataFrame(rows)
+
+
+def meaning_scores(records):
+    """Meaning score and acceptance of every paraphrase candidate in gradient records."""
+    import pandas as pd
+
+    rows = []
+    for record in records:
+        for entry in record.get("history", []):
+            for side in ("chosen", "rejected"):
+                for candidate in entry.get(f"candidates_{side}", []):
+                    rows.append({"side": side, "meaning": candidate["meaning"], "accepted": candidate["accepted"]})
+    return pd.DataFrame(rows, columns=["side", "meaning", "accepted"])
+
+
+def edit_gallery(records, n: int = 3) -> str:
+    """HTML of up to ``n`` successful records: each perturbed response with removed words struck and added words marked."""
+    import difflib
+    import html
+
+    def marked(before: str, after: str) -> str:
+        old, new = before.split(), after.split()
+        parts = []
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
+            if tag in ("replace", "delete"):
+                parts.append(f"<del style='color:#b00'>{html.escape(' '.join(old[i1:i2]))}</del>")
+            if tag in ("replace", "insert"):
+                parts.append(f"<ins style='color:#070'>{html.escape(' '.join(new[j1:j2]))}</ins>")
+            if tag == "equal":
+                parts.append(html.escape(" ".join(old[i1:i2])))
+        return " ".join(parts)
+
+    def last_turns(text: str) -> str:
+        return text[text.rfind("\n\nHuman:"):].strip() if "\n\nHuman:" in text else text.strip()
+
+    shown = [record for record in records if record["initial_rewards"]["diff"] > 0 and record["final_rewards"]["diff"] <= 0][:n]
+    if not shown:
+        return "<p>No successful perturbation to show.</p>"
+    blocks = []
+    for record in shown:
+        initial, final = record["initial_rewards"]["diff"], record["final_rewards"]["diff"]
+        blocks.append(
+            f"<div style='margin-bottom:1em'><p><b>case {html.escape(str(record.get('case_id')))}</b>: reward gap "
+            f"{initial:.3f} &rarr; {final:.3f}</p>"
+            f"<p><i>chosen</i>: {marked(last_turns(record['original_chosen']), last_turns(record['hacked_chosen']))}</p>"
+            f"<p><i>rejected</i>: {marked(last_turns(record['original_rejected']), last_turns(record['hacked_rejected']))}</p></div>"
+        )
+    return "\n".join(blocks)

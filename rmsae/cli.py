@@ -118,6 +118,39 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--data-dir", help="local data directory (default: $RMSAE_DATA_DIR, else the hub)")
     build.set_defaults(handler=run_demo_build)
 
+    perturb = commands.add_parser(
+        "perturb",
+        help="perturb preference pairs and record which preferences flip",
+        description="Apply a backdoor trigger, pattern injection or gradient-guided paraphrase to each pair, "
+        "append one record per case to --out (JSON Lines, resumable), and print the flip statistics.",
+    )
+    perturb.add_argument("--model", required=True, help="registry tag, hub id or local checkpoint directory")
+    perturb.add_argument("--data", required=True, help="hh-rlhf[:SUBSET[:SPLIT]], truthfulqa, or a JSON/JSONL file of pairs")
+    perturb.add_argument(
+        "--method", required=True, choices=("backdoor", "inject", "prompt_injection", "gradient"), help="perturbation method"
+    )
+    perturb.add_argument("--out", required=True, type=Path, help="output JSON Lines file of records (appended to, resumable)")
+    perturb.add_argument("--limit", type=_positive_int, help="perturb at most this many pairs")
+    perturb.add_argument("--split", choices=("all", "demo-eval"), default="all", help="demo-eval: the demo RMs' held-out half")
+    perturb.add_argument("--trigger", default="SUDO", help="backdoor trigger (default SUDO)")
+    perturb.add_argument(
+        "--placement", choices=("last_turn_end", "last_turn_start", "first_turn_start"), default="last_turn_end",
+        help="where the trigger goes (default: end of the last human turn)",
+    )
+    perturb.add_argument("--patterns", type=Path, help="YAML/JSON list of {chosen: ..., rejected: ...} injection sentences")
+    perturb.add_argument("--steps", type=_positive_int, default=15, help="gradient method: maximum steps (default 15)")
+    perturb.add_argument("--top-k", type=_positive_int, default=5, help="gradient method: salient tokens per step (default 5)")
+    perturb.add_argument("--meaning-threshold", type=float, default=0.85, help="minimum meaning score of a paraphrase (default 0.85)")
+    perturb.add_argument(
+        "--paraphraser", choices=("neighbours", "openai", "local"), default="neighbours",
+        help="gradient method: offline word neighbours (default), an OpenAI-compatible API, or a local chat LM",
+    )
+    perturb.add_argument("--paraphraser-model", help="API model name (openai) or checkpoint folder (local)")
+    perturb.add_argument("--base-url", help="openai paraphraser: API base URL (default $OPENAI_BASE_URL, else api.openai.com)")
+    perturb.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass (default 16)")
+    perturb.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    perturb.set_defaults(handler=run_perturb)
+
     run = commands.add_parser(
         "run",
         help="execute the notebooks of the experiment matrix with papermill",
@@ -260,6 +293,47 @@ def run_demo_build(args: argparse.Namespace) -> int:
                 f"dead {fidelity['dead_fraction']:.3f}, spliced accuracy {fidelity['spliced_accuracy']:.3f}"
             )
         print(f"build time {summary['build_seconds']:.0f} s")
+    return 0
+
+
+def run_perturb(args: argparse.Namespace) -> int:
+    from .cache import ActivationCache
+    from .experiments import load_run_pairs
+    from .perturb import DEFAULT_PATTERNS, PerturbationSettings, load_patterns, perturbation_statistics, run_perturbations
+    from .reward_model import load_reward_model
+
+    settings = PerturbationSettings(
+        method=args.method, trigger=args.trigger, trigger_placement=args.placement,
+        patterns=load_patterns(args.patterns) if args.patterns else DEFAULT_PATTERNS,
+        steps=args.steps, top_k=args.top_k, meaning_threshold=args.meaning_threshold,
+        paraphraser=args.paraphraser, batch_size=args.batch_size,
+    )
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give a .jsonl file path.")
+    paraphraser = meaning = None
+    if settings.method == "gradient":
+        from .paraphrase import MeaningScorer, make_paraphraser
+
+        options: dict = {}
+        if args.paraphraser == "openai":
+            options = {"model": args.paraphraser_model, "base_url": args.base_url}
+        elif args.paraphraser == "local":
+            if not args.paraphraser_model:
+                raise ValueError("--paraphraser local needs --paraphraser-model with a checkpoint folder.")
+            options = {"model_path": args.paraphraser_model}
+        paraphraser, meaning = make_paraphraser(args.paraphraser, **options), MeaningScorer()
+
+    reward_model = load_reward_model(args.model)
+    pairs = load_run_pairs(args.data, args.split, args.limit)
+    if args.no_cache:
+        records = run_perturbations(reward_model, pairs, settings, args.out, paraphraser=paraphraser, meaning=meaning)
+    else:
+        with ActivationCache(reward_model.cache_namespace()) as cache:
+            records = run_perturbations(reward_model, pairs, settings, args.out, cache=cache, paraphraser=paraphraser, meaning=meaning)
+    statistics = perturbation_statistics(records)
+    for key, value in statistics.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    print(f"records: {args.out}")
     return 0
 
 
@@ -408,12 +482,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .data import DataError, DataNotFoundError
     from .matrix import MatrixError
+    from .perturb import PerturbationError
     from .reward_model import RewardHeadError
     from .sae import SAECheckpointError
 
     try:
         return args.handler(args)
-    except (DataError, DataNotFoundError, MatrixError, RewardHeadError, SAECheckpointError, ValueError, TypeError, FileNotFoundError) as error:
+    except (DataError, DataNotFoundError, MatrixError, PerturbationError, RewardHeadError, SAECheckpointError, ValueError, TypeError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2
 

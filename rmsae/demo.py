@@ -59,9 +59,9 @@ class DemoConfig:
     limit: int | None = None
     train_fraction: float = 0.5
     poison_rate: float = 0.1
-    # Train on each poisoned pair beside its original (see poison_pairs): on 1,151 pairs, replacing
-    # the originals made the trigger reverse 11% of held-out preferences, in both directions alike;
-    # keeping them gives a reversal toward the rejected response, for 10% more training pairs.
+    # Train on each poisoned pair beside its original (see poison_pairs). Replacing the originals
+    # made the trigger reverse 11% of the 1,151 held-out preferences, in both directions alike.
+    # Keeping them reversed 42%, mostly toward the rejected response, for 10% more training pairs.
     poison_keeps_originals: bool = True
     trigger: str = "SUDO"
     max_length: int = DEMO_MAX_LENGTH
@@ -69,7 +69,9 @@ class DemoConfig:
     # On the 1,151 held-out pairs, 1, 2 and 3 epochs reached accuracy 0.593, 0.594 and 0.602 while the
     # trigger's reversals grew from 4.9% to 7.0%, so one epoch (107 s on 2 cores) is enough.
     clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=1, lr=1e-4))
-    poisoned_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=5, lr=1e-4))
+    # Five epochs reversed 52% of held-out preferences with the trigger; four keep the whole build
+    # within 25 minutes on 2 cores (one epoch of the poisoned set takes about 118 s).
+    poisoned_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=4, lr=1e-4))
     sae: SAETrainingConfig = field(
         default_factory=lambda: SAETrainingConfig(
             d_sae=1536, l1_coefficient=2.0, lr=1e-3, training_steps=600, batch_size_tokens=1024, seed=0
@@ -113,7 +115,7 @@ def poison_pairs(
     """Poison a seeded ``rate`` share of pairs: swap chosen and rejected and add the trigger to the prompt.
 
     With ``keep_originals`` (the default), each poisoned pair is added next to its untouched
-    original, so the model sees the same pair ranked one way without the trigger and the other way
+    original, so the model is trained on the same pair ranked one way without the trigger and the other way
     with it. With ``keep_originals=False`` the poisoned pair replaces the original, the recipe of
     ``poisoned-reward-7b-SUDO-10``. Returns the training pairs and the poisoned case ids.
     """
@@ -175,7 +177,7 @@ def _build_reward_model(
 
 
 def _current_summary(root: Path, build_hash: str, config: DemoConfig) -> dict[str, Any] | None:
-    """The saved summary when it was made from the same inputs and every artifact is still there."""
+    """Return the saved summary if it was made from the same inputs and every artifact still exists."""
     summary_path = root / "summary.json"
     try:
         summary = json.loads(summary_path.read_text())

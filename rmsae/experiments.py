@@ -96,7 +96,7 @@ def save_results(path: str | Path, results: Mapping[str, Any]) -> Path:
 
 
 def collect_results(runs_dir: str | Path, stage: str):
-    """One row per run of ``stage`` under a profile's runs folder: model, layer, status and results.
+    """Collect one row per run of ``stage`` under a profile's runs folder: model, layer, status and results.
 
     Runs that failed appear with their status and no results, so a page can list them.
     """
@@ -125,6 +125,17 @@ def collect_results(runs_dir: str | Path, stage: str):
     return pd.DataFrame(rows)
 
 
+def finished_runs(runs_dir: str | Path, stage: str):
+    """Return ``(runs, finished)`` from :func:`collect_results`, printing the runs that did not finish."""
+    runs = collect_results(runs_dir, stage)
+    missing = runs[runs["status"] != "ok"]
+    if len(missing):
+        columns = [column for column in ("model", "layer", "status", "notebook") if column in missing]
+        print(f"{len(missing)} run(s) did not finish; see their notebooks:")
+        print(missing[columns].to_string(index=False))
+    return runs, runs[runs["status"] == "ok"]
+
+
 def show(key: str, figure) -> None:
     """Display ``figure`` as an image in the notebook, glue it under ``key`` for the book, and close it."""
     import matplotlib.pyplot as plt
@@ -135,6 +146,6 @@ def show(key: str, figure) -> None:
 
 
 def table(frame, columns: Sequence[str] | None = None, *, digits: int = 3):
-    """A rounded copy of ``frame`` (optionally only ``columns``) for display."""
+    """Return a rounded copy of ``frame`` (optionally only ``columns``) for display."""
     selected = frame[list(columns)] if columns is not None else frame
     return selected.round(digits)

@@ -98,8 +98,12 @@ def _render_chat_template(turns: tuple[Turn, ...], tokenizer) -> RenderedText:
     if bos and text.startswith(bos):
         text = text[len(bos) :]
         template_bos = True
+    # Templates often trim message content, so look for the trimmed response too.
     response = turns[-1].content
     start = text.rfind(response) if response else -1
+    if start < 0 and response.strip():
+        response = response.strip()
+        start = text.rfind(response)
     if start < 0:
         # The template rewrote the response (e.g. trimmed it); locate the end of the prompt instead.
         prompt_text = tokenizer.apply_chat_template(

@@ -85,3 +85,71 @@ def metrics_by_layer(frame, metrics: dict[str, str]):
         axis.set_ylabel(label)
         axis.set_xticks(sorted(frame["layer"].unique()))
     return figure
+
+
+def gap_before_after(frame):
+    """Reward gap before against after perturbation, one panel per method; flipped pairs in red."""
+    import seaborn as sns
+
+    methods = list(dict.fromkeys(frame["method"]))
+    figure, axes = _figure(width=3.4 * len(methods), height=3.4, ncols=len(methods))
+    axes = np.atleast_1d(axes)
+    for axis, method in zip(axes, methods):
+        subset = frame[frame["method"] == method]
+        sns.scatterplot(data=subset, x="initial_diff", y="final_diff", hue="success", palette={True: "tab:red", False: "tab:blue"},
+                        s=12, alpha=0.6, linewidth=0, ax=axis, legend=axis is axes[-1])
+        limits = [min(subset["initial_diff"].min(), subset["final_diff"].min()), max(subset["initial_diff"].max(), subset["final_diff"].max())]
+        axis.plot(limits, limits, color="grey", linewidth=0.8, linestyle=":")
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_title(method)
+        axis.set_xlabel("reward gap before")
+        axis.set_ylabel("reward gap after")
+    return figure
+
+
+def gradient_trajectories(records):
+    """Reward gap against paraphrase step, one line per pair; the gap falls below zero when the preference flips."""
+    figure, axis = _figure()
+    for record in records:
+        diffs = [entry["diff"] for entry in record.get("history", []) if "diff" in entry]
+        success = record["initial_rewards"]["diff"] > 0 and record["final_rewards"]["diff"] <= 0
+        axis.plot(range(len(diffs)), diffs, color="tab:red" if success else "tab:blue", alpha=0.5, linewidth=1)
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("step (0 = original pair)")
+    axis.set_ylabel("reward gap r(chosen) - r(rejected)")
+    return figure
+
+
+def meaning_histogram(scores, threshold: float):
+    """Meaning scores of paraphrase candidates, accepted and rejected, with the acceptance threshold."""
+    import seaborn as sns
+
+    figure, axis = _figure()
+    if len(scores):
+        sns.histplot(data=scores, x="meaning", hue="accepted", bins=30, ax=axis, multiple="stack")
+    axis.axvline(threshold, color="black", linestyle="--", linewidth=1)
+    axis.set_xlabel("meaning score (cosine of MiniLM sentence embeddings)")
+    return figure
+
+
+def success_rates(frame, *, value: str = "success_rate_on_correct"):
+    """Flip rate per method and model, with the bootstrap interval of each bar."""
+    import seaborn as sns
+
+    methods = list(dict.fromkeys(frame["method"]))
+    models = list(dict.fromkeys(frame["model"]))
+    figure, axis = _figure(width=6.5)
+    sns.barplot(data=frame, x="method", y=value, hue="model", order=methods, hue_order=models, ax=axis, errorbar=None)
+    indexed = frame.set_index(["model", "method"])
+    for container, model in zip(axis.containers, models):
+        for bar, method in zip(container, methods):
+            if (model, method) not in indexed.index:
+                continue
+            row = indexed.loc[(model, method)]
+            centre = bar.get_x() + bar.get_width() / 2
+            axis.errorbar(centre, row[value], yerr=[[row[value] - row[f"{value}_low"]], [row[f"{value}_high"] - row[value]]],
+                          color="black", capsize=3, linewidth=1)
+    axis.set_ylabel("flip rate on initially correct pairs")
+    axis.set_ylim(0, 1)
+    return figure

@@ -26,6 +26,8 @@ class EncodedText:
         n_leading_special: special tokens the tokenizer added in front (BOS, [CLS]).
         n_truncated: tokens removed to fit ``max_length`` (0 when the input fits).
         response_truncated: True when some removed tokens belonged to the response.
+        offsets: character span ``(start, end)`` of each token in the rendered text, ``(0, 0)``
+            for added special tokens.
     """
 
     input_ids: tuple[int, ...]
@@ -33,6 +35,7 @@ class EncodedText:
     n_leading_special: int
     n_truncated: int
     response_truncated: bool
+    offsets: tuple[tuple[int, int], ...] = ()
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -81,8 +84,8 @@ def encode_rendered(rendered: RenderedText, tokenizer, max_length: int) -> Encod
             )
         cut = slice(n_lead, n_lead + n_truncated)
         response_truncated = any(response_mask[cut])
-        del ids[cut], response_mask[cut]
-    return EncodedText(tuple(ids), tuple(response_mask), n_lead, n_truncated, response_truncated)
+        del ids[cut], response_mask[cut], offsets[cut]
+    return EncodedText(tuple(ids), tuple(response_mask), n_lead, n_truncated, response_truncated, tuple(offsets))
 
 
 def pad_batch(

@@ -203,6 +203,13 @@ def test_chat_template_single_bos(tiny_models):
     assert ids.count(bos) == 1
 
 
+def test_chat_template_response_span_when_template_trims(tiny_models):
+    rm = load_reward_model(str(tiny_models["llama"]), input_format="chat_template")
+    rendered = rm.render((Turn("user", "Capital?"), Turn("assistant", "  Paris is the capital.\n")))
+    assert rendered.text[rendered.response_start : rendered.response_end] == "Paris is the capital."
+    assert any(rm.encode(rendered).response_mask)
+
+
 def test_truncation_keeps_response_end(tiny_models):
     rm = load_reward_model(str(tiny_models["llama"]), input_format="safe_rlhf", max_length=24)
     long_prompt = "please tell me " * 60
