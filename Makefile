@@ -11,13 +11,15 @@ PROFILE ?= demo
 JOBS ?= 1
 SHARED_DATA := $(abspath ../shared/data)
 
-export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
+# With the local data copies beside the repository (the project's offline machines), read them and
+# do not try the hub; elsewhere the data comes from the hub.
 ifneq ($(wildcard $(SHARED_DATA)/hh-rlhf),)
 export RMSAE_DATA_DIR ?= $(SHARED_DATA)
+export HF_HUB_OFFLINE ?= 1
 endif
 
 .PHONY: install book test benchmark clean

@@ -24,7 +24,7 @@
 #
 # A flip (a success) is a pair ranked correctly before the edit and not after it.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 profile = "demo"
 model_name = "demo-minilm-hh"
 model_tag = "demo-minilm-hh"

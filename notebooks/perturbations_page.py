@@ -18,10 +18,11 @@
 # the clean one. The sections after this page are the executed notebooks, one per model, with the
 # reward gaps, the paraphrase trajectories and examples.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 profile = "demo"
 stage = "perturbations"
 runs_dir = "runs/demo"
+expected_runs = []
 results_path = "perturbations.json"
 
 # %%
@@ -36,7 +37,7 @@ import pandas as pd
 from rmsae.experiments import finished_runs, save_results, show, table
 from rmsae.plots import success_rates
 
-runs, finished = finished_runs(runs_dir, stage)
+runs, finished = finished_runs(runs_dir, stage, expected_runs)
 rates = pd.DataFrame([
     {"model": row["model"], "method": method, **values}
     for _, row in finished.iterrows() for method, values in row["methods"].items()
@@ -45,5 +46,6 @@ table(rates, ["model", "method", "pairs", "initial_accuracy", "successes", "succ
               "success_rate_on_correct_low", "success_rate_on_correct_high", "overall_success_rate"])
 
 # %%
-show("perturbation_success_rates", success_rates(rates))
+if len(rates):
+    show("perturbation_success_rates", success_rates(rates))
 results_file = save_results(results_path, {"runs": len(runs), "finished": len(finished)})

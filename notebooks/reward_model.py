@@ -17,7 +17,7 @@
 # how often it prefers the chosen response (pair accuracy, with a bootstrap 95% interval), how large
 # its reward gaps are, and whether its rewards simply follow response length.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 profile = "demo"
 model_name = "demo-minilm-hh"
 model_tag = "demo-minilm-hh"
@@ -54,7 +54,8 @@ with ActivationCache(reward_model.cache_namespace()) as cache:
 frame = pair_frame(pairs, scores)
 accuracy, low, high = bootstrap_ci(frame["correct"].to_numpy(), n_resamples=bootstrap_samples, seed=seed)
 print(f"{model_name}: {len(frame)} pairs from {data} ({split}), format {reward_model.spec.input_format}, "
-      f"max length {reward_model.max_length} tokens; {int(frame['truncated'].sum())} pairs truncated.")
+      f"max length {reward_model.max_length} tokens; {int(frame['truncated'].sum())} pairs lost prompt tokens "
+      f"to truncation, {int(scores.response_truncated.sum())} of them response tokens too.")
 
 # %% [markdown]
 # ## Pair accuracy
@@ -99,5 +100,6 @@ results_file = save_results(results_path, {
     "mean_reward_gap": float(frame["reward_gap"].mean()),
     "std_reward_gap": float(frame["reward_gap"].std()),
     "truncated_pairs": int(frame["truncated"].sum()),
+    "response_truncated_pairs": int(scores.response_truncated.sum()),
     "length_reward_spearman": length_correlation,
 })

@@ -19,7 +19,7 @@
 # fire, and whether the reward model still ranks pairs as well with the SAE reconstruction spliced
 # into the forward pass.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 profile = "demo"
 model_name = "demo-minilm-hh"
 model_tag = "demo-minilm-hh"

@@ -18,10 +18,11 @@
 # the reconstruction instead of its own residual stream. The sections after this page are the
 # executed notebooks, one per model and layer, with the latent-density histograms.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 profile = "demo"
 stage = "sae"
 runs_dir = "runs/demo"
+expected_runs = []
 results_path = "sae.json"
 
 # %%
@@ -34,7 +35,7 @@ globals().update(check_all(globals(), PAGE_PARAMETERS))
 from rmsae.experiments import finished_runs, save_results, show, table
 from rmsae.plots import metrics_by_layer
 
-runs, finished = finished_runs(runs_dir, stage)
+runs, finished = finished_runs(runs_dir, stage, expected_runs)
 finished = finished.sort_values(["model", "layer"])
 table(finished, ["model", "layer", "d_sae", "explained_variance", "l0", "dead_fraction", "accuracy", "spliced_accuracy", "spliced_accuracy_drop"])
 
@@ -42,9 +43,10 @@ table(finished, ["model", "layer", "d_sae", "explained_variance", "l0", "dead_fr
 # The same numbers against depth.
 
 # %%
-show("sae_metrics_by_layer", metrics_by_layer(finished, {
-    "explained_variance": "explained variance",
-    "l0": "L0 (latents per token)",
-    "spliced_accuracy_drop": "accuracy drop when spliced",
-}))
+if len(finished):
+    show("sae_metrics_by_layer", metrics_by_layer(finished, {
+        "explained_variance": "explained variance",
+        "l0": "L0 (latents per token)",
+        "spliced_accuracy_drop": "accuracy drop when spliced",
+    }))
 results_file = save_results(results_path, {"runs": len(runs), "finished": len(finished)})

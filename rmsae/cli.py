@@ -361,15 +361,20 @@ def run_matrix(args: argparse.Namespace) -> int:
 
 def run_book(args: argparse.Namespace) -> int:
     from .matrix import load_matrix
-    from .runner import build_book
+    from .runner import BookError, book_output, build_book
 
     status = 0 if args.no_run else _execute_matrix(args)
-    root = load_matrix(args.matrix).path.parent.resolve()
-    book_status = build_book(root, args.profile)
+    matrix = load_matrix(args.matrix)
+    try:
+        book_status = build_book(matrix, args.profile)
+    except BookError as error:
+        logger.error("%s", error)
+        return 2
+    output = book_output(matrix, args.profile)
     if book_status != 0:
         logger.error("The book build failed (exit status %d); the messages above name the page.", book_status)
     else:
-        print(f"The book is in {root / '_build' / 'html'}; open {root / '_build' / 'html' / 'index.html'} in a browser.")
+        print(f"The book is in {output}; open {output / 'index.html'} in a browser.")
     if status != 0:
         logger.error("Some notebooks failed (listed above); their pages show the error.")
     return status or book_status

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,6 +19,9 @@ from .data import PreferencePair, load_pairs
 from .storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
+
+# Libraries import tqdm.auto, which warns in a kernel without ipywidgets; the notebooks show no bars.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 RECORD_SUFFIX = ".run.json"
 
@@ -38,6 +42,7 @@ PAGE_PARAMETERS: dict[str, tuple[str, dict[str, Any]]] = {
     "profile": ("str", {}),
     "stage": ("str", {}),
     "runs_dir": ("path", {}),
+    "expected_runs": ("str_list", {}),
     "results_path": ("path", {}),
 }
 
@@ -95,29 +100,38 @@ def save_results(path: str | Path, results: Mapping[str, Any]) -> Path:
     return atomic_write_json(path, _jsonable(results))
 
 
-def collect_results(runs_dir: str | Path, stage: str):
+def collect_results(runs_dir: str | Path, stage: str, expected: Sequence[str] | None = None):
     """Collect one row per run of ``stage`` under a profile's runs folder: model, layer, status and results.
 
-    Runs that failed appear with their status and no results, so a page can list them.
+    ``expected`` lists the runs' notebooks relative to ``runs_dir`` (the runner passes every run of
+    the stage in the matrix); without it, every run record found under ``runs_dir`` counts. Runs
+    that did not finish appear with their status (``failed``, ``blocked`` or ``missing``) and no
+    results, so a page can list them.
     """
     import pandas as pd
 
     root = Path(runs_dir)
+    if expected is None:
+        notebooks = [path.with_name(f"{stage}.ipynb").relative_to(root) for path in sorted(root.glob(f"*/**/{stage}{RECORD_SUFFIX}"))]
+    else:
+        notebooks = [Path(name) for name in expected]
     rows = []
-    for record_path in sorted(root.glob(f"**/{stage}{RECORD_SUFFIX}")):
-        folder = record_path.parent
-        if folder == root:
-            continue  # the stage's own page
-        record = json.loads(record_path.read_text())
+    for notebook in notebooks:
+        folder = root / notebook.parent
+        record_path = folder / f"{stage}{RECORD_SUFFIX}"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         parameters = record.get("parameters", {})
+        layer = parameters.get("layer")
+        if layer is None and folder.name.startswith("layer") and folder.name[5:].isdigit():
+            layer = int(folder.name[5:])
         row: dict[str, Any] = {
-            "model": parameters.get("model_name"),
-            "layer": parameters.get("layer"),
-            "status": record.get("status"),
-            "notebook": str((folder / f"{stage}.ipynb").relative_to(root)),
+            "model": parameters.get("model_name", notebook.parts[0]),
+            "layer": layer,
+            "status": record.get("status", "missing"),
+            "notebook": str(notebook),
         }
         results_path = folder / f"{stage}.json"
-        if record.get("status") == "ok" and results_path.is_file():
+        if row["status"] == "ok" and results_path.is_file():
             row.update(json.loads(results_path.read_text()))
         rows.append(row)
     if not rows:
@@ -125,15 +139,18 @@ def collect_results(runs_dir: str | Path, stage: str):
     return pd.DataFrame(rows)
 
 
-def finished_runs(runs_dir: str | Path, stage: str):
+def finished_runs(runs_dir: str | Path, stage: str, expected: Sequence[str] | None = None):
     """Return ``(runs, finished)`` from :func:`collect_results`, printing the runs that did not finish."""
-    runs = collect_results(runs_dir, stage)
+    runs = collect_results(runs_dir, stage, expected)
     missing = runs[runs["status"] != "ok"]
     if len(missing):
         columns = [column for column in ("model", "layer", "status", "notebook") if column in missing]
         print(f"{len(missing)} run(s) did not finish; see their notebooks:")
         print(missing[columns].to_string(index=False))
-    return runs, runs[runs["status"] == "ok"]
+    finished = runs[runs["status"] == "ok"]
+    if finished.empty:
+        print(f"No run of stage {stage!r} finished, so this page has no results to show.")
+    return runs, finished
 
 
 def show(key: str, figure) -> None:
@@ -146,6 +163,7 @@ def show(key: str, figure) -> None:
 
 
 def table(frame, columns: Sequence[str] | None = None, *, digits: int = 3):
-    """Return a rounded copy of ``frame`` (optionally only ``columns``) for display."""
-    selected = frame[list(columns)] if columns is not None else frame
-    return selected.round(digits)
+    """Return ``frame`` (only those of ``columns`` it has) styled for display: no index, ``digits`` decimals."""
+    if columns is not None:
+        frame = frame[[column for column in columns if column in frame]]
+    return frame.style.hide(axis="index").format(precision=digits)

@@ -152,18 +152,27 @@ def notebook_parameters(source: Path) -> dict[str, Any]:
     return names
 
 
+_KIND_OF_DEFAULT = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
 def _parse_parameters(value: Any, where: str, allowed: dict[str, Any] | None) -> dict[str, Any]:
+    """Check stage parameters against the notebook's parameters cell; values take the type of its defaults."""
     if value is None:
         return {}
     mapping = _expect_mapping(value, where)
-    for name in mapping:
+    parameters = {}
+    for name, item in mapping.items():
         if name in RESERVED_PARAMETERS:
             raise MatrixError(f"{where}.{name}: set by the runner for every run; remove it from the matrix.")
         if allowed is not None and name not in allowed:
             raise MatrixError(
                 f"{where}.{name}: the notebook has no such parameter; its parameters are {sorted(allowed)}."
             )
-    return dict(mapping)
+        default = allowed.get(name) if allowed is not None else None
+        kind = _KIND_OF_DEFAULT.get(type(default))
+        # A default of None leaves the type open (an optional path or limit).
+        parameters[name] = _coerce(f"{where}.{name}", item, kind, optional=True) if kind else item
+    return parameters
 
 
 def _parse_stage(name: str, entry: Any, root: Path) -> tuple[Stage, dict[str, Any]]:
@@ -210,6 +219,8 @@ def _parse_model(name: str, entry: Any, where: str, root: Path) -> ModelEntry:
     if len(set(layers)) != len(layers):
         raise MatrixError(f"{where}.layers: {layers} repeats a layer.")
     source = _rooted(_coerce(f"{where}.source", entry["source"], "str"), root) if "source" in entry else name
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+        raise MatrixError(f"{where}.source: the folder {source} does not exist.")
     if "source" not in entry and get_spec(name) is None:
         raise MatrixError(
             f"{where}: {name!r} is not a registered model tag; add 'source:' with a local checkpoint "
@@ -236,6 +247,10 @@ def _parse_profile(
     if prepare is not None:
         prepare = _coerce(f"{where}.prepare", prepare, "str", choices=PREPARE_STEPS)
     data = _rooted(_coerce(f"{where}.data", entry["data"], "str"), root)
+    if data.partition(":")[0] not in ("hh-rlhf", "truthfulqa") and not Path(data).is_file():
+        raise MatrixError(
+            f"{where}.data: {data!r} is neither 'hh-rlhf[:SUBSET[:SPLIT]]', 'truthfulqa', nor an existing file."
+        )
     split = _coerce(f"{where}.split", entry.get("split", "all"), "str", choices=SPLITS)
     limit = _coerce(f"{where}.limit", entry.get("limit"), "int", optional=True, minimum=1)
     models_entry = _expect_mapping(entry["models"], f"{where}.models")

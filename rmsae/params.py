@@ -18,7 +18,7 @@ _INTEGER = re.compile(r"^[+-]?\d+$")
 _NONE_WORDS = {"", "none", "null"}
 _TRUE_WORDS = {"true", "yes", "1"}
 _FALSE_WORDS = {"false", "no", "0"}
-KINDS = ("int", "float", "str", "bool", "path", "int_list")
+KINDS = ("int", "float", "str", "bool", "path", "int_list", "str_list")
 
 
 class ParameterError(ValueError):
@@ -92,6 +92,16 @@ def _as_int_list(name: str, value: Any) -> list[int]:
     return [_as_int(f"{name}[{index}]", item) for index, item in enumerate(items)]
 
 
+def _as_str_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        items: Sequence[Any] = [item for item in (part.strip() for part in value.split(",")) if item]
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        raise ParameterError(f"Parameter {name} must be a list of strings, got {_describe(value)}.")
+    return [_as_str(f"{name}[{index}]", item) for index, item in enumerate(items)]
+
+
 def checked(
     name: str,
     value: Any,
@@ -106,7 +116,7 @@ def checked(
     """Return ``value`` converted to ``kind``, or raise :class:`ParameterError` naming ``name``.
 
     ``kind`` is one of ``int``, ``float``, ``str``, ``bool``, ``path`` (a string, returned as
-    :class:`~pathlib.Path`) and ``int_list`` (a list, or a comma-separated string, of integers).
+    :class:`~pathlib.Path`), ``int_list`` and ``str_list`` (a list, or a comma-separated string).
     With ``optional=True``, ``None`` and the strings ``""``, ``"none"`` and ``"null"`` give ``None``.
     """
     if kind not in KINDS:
@@ -124,12 +134,14 @@ def checked(
         result = _as_bool(name, value)
     elif kind == "int_list":
         result = _as_int_list(name, value)
+    elif kind == "str_list":
+        result = _as_str_list(name, value)
     else:
         result = _as_str(name, value)
         if kind == "path":
             result = Path(result).expanduser()
 
-    values = result if kind == "int_list" else [result]
+    values = result if kind in ("int_list", "str_list") else [result]
     for item in values:
         if minimum is not None and item < minimum:
             raise ParameterError(f"Parameter {name} must be at least {minimum}, got {_describe(value)}.")

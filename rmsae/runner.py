@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .matrix import Matrix, ModelEntry, Profile, Stage
 from .storage import atomic_write_json, fingerprint_file, sha256_json, sha256_text
@@ -52,6 +52,9 @@ class Run:
     parameters: dict[str, Any]
     is_page: bool = False
     depends_on: list["Run"] = field(default_factory=list)
+    # Records of the runs this one reads, in the whole profile whatever the selection, so that
+    # the fingerprint does not depend on which runs were selected.
+    upstream_records: list[Path] = field(default_factory=list)
     status: str = "pending"  # pending, skipped, ok, failed, blocked
     seconds: float = 0.0
     error: str = ""
@@ -137,6 +140,13 @@ def plan_runs(
             raise MatrixError(f"No model of profile {profile_name!r} lists layer {layer}; they list {sorted(all_layers)}.")
 
     root = (runs_dir or matrix.path.parent / RUNS_DIRNAME) / profile.name
+
+    def folder_of(model: ModelEntry, layer: int | None) -> Path:
+        return root / model.name / (f"layer{layer}" if layer is not None else "")
+
+    def layers_of(stage: Stage, model: ModelEntry) -> list[int | None]:
+        return [None] if stage.scope == "model" else list(model.layers)
+
     selected_models = [profile.models[name] for name in (models or profile.models)]
     runs: list[Run] = []
     by_key: dict[tuple[str, str, int | None], Run] = {}
@@ -145,28 +155,33 @@ def plan_runs(
             continue
         stage_runs: list[Run] = []
         for model in selected_models:
-            model_layers: list[int | None]
-            if stage.scope == "model":
-                model_layers = [None]
-            else:
-                model_layers = [layer for layer in model.layers if not layers or layer in layers]
-            for layer in model_layers:
-                folder = root / model.name / (f"layer{layer}" if layer is not None else "")
+            for layer in layers_of(stage, model):
+                if layer is not None and layers and layer not in layers:
+                    continue
+                folder = folder_of(model, layer)
                 run = Run(profile.name, stage, model, layer, folder, _run_parameters(profile, stage, model, layer, folder))
                 for dependency in stage.after:
+                    # A per-layer stage may wait for a per-model one; both keys are tried.
                     for key in ((dependency, model.name, layer), (dependency, model.name, None)):
-                        if key in by_key:
-                            run.depends_on.append(by_key[key])
+                        upstream = matrix.stages[dependency]
+                        if (upstream.scope == "model") == (key[2] is None):
+                            run.upstream_records.append(folder_of(model, key[2]) / f"{dependency}{RECORD_SUFFIX}")
+                            if key in by_key:
+                                run.depends_on.append(by_key[key])
                             break
                 by_key[(stage.name, model.name, layer)] = run
                 stage_runs.append(run)
         runs.extend(stage_runs)
         if stage.page is not None and stage_runs:
-            page = Run(
-                profile.name, stage, None, None, root,
-                {"profile": profile.name, "stage": stage.name, "runs_dir": str(root), "results_path": str(root / f"{stage.name}.json")},
-                is_page=True, depends_on=list(stage_runs),
-            )
+            # The page gathers every run of the stage in the profile, not only the selected ones.
+            expected = [
+                str((folder_of(model, layer) / f"{stage.name}.ipynb").relative_to(root))
+                for model in profile.models.values() for layer in layers_of(stage, model)
+            ]
+            parameters = {"profile": profile.name, "stage": stage.name, "runs_dir": str(root),
+                          "expected_runs": expected, "results_path": str(root / f"{stage.name}.json")}
+            page = Run(profile.name, stage, None, None, root, parameters, is_page=True, depends_on=list(stage_runs))
+            page.upstream_records = [root / name.replace(".ipynb", RECORD_SUFFIX) for name in expected]
             runs.append(page)
     return runs
 
@@ -253,7 +268,7 @@ def run_fingerprint(run: Run, library: str) -> str:
         "source": sha256_text(run.source.read_text()),
         "parameters": run.parameters,
         "library": library,
-        "upstream": [dependency.fingerprint for dependency in run.depends_on],
+        "upstream": {str(path): _upstream_state(path) for path in run.upstream_records},
     }
     if not run.is_page:
         from .demo import demo_dir
@@ -266,6 +281,15 @@ def run_fingerprint(run: Run, library: str) -> str:
         if run.layer is not None:
             inputs["sae"] = _sae_fingerprint(run.parameters["sae"], run.model, run.layer)  # type: ignore[arg-type]
     return sha256_json(inputs)
+
+
+def _upstream_state(record_path: Path) -> Any:
+    """What a dependent run's fingerprint takes from an upstream record: status, fingerprint, results file."""
+    record = _read_record(record_path)
+    if not record:
+        return "missing"
+    results = record_path.with_name(record_path.name.replace(RECORD_SUFFIX, ".json"))
+    return [record.get("status"), record.get("fingerprint"), fingerprint_file(results) if results.is_file() else None]
 
 
 def _read_record(path: Path) -> dict[str, Any]:
@@ -333,15 +357,29 @@ def execute_run(run: Run) -> None:
             run.status = "ok"
         except Exception as error:  # papermill's execution error, a dead kernel, a timeout
             run.status = "failed"
-            run.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+            last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+            run.error = f"{type(error).__name__}: {last_line}".rstrip(".")
         if output.is_file():
             os.replace(output, run.notebook_path)
     run.seconds = time.perf_counter() - started
+    _write_record(run)
+
+
+def _write_record(run: Run) -> None:
     atomic_write_json(
         run.record_path,
         {"status": run.status, "fingerprint": run.fingerprint, "parameters": run.parameters, "seconds": run.seconds,
          "error": run.error, "notebook": run.notebook_path.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     )
+
+
+def _block(run: Run, reason: str) -> None:
+    """Mark ``run`` blocked: its old notebook and results go, so neither the book nor a page shows them as current."""
+    run.status, run.error = "blocked", reason
+    run.folder.mkdir(parents=True, exist_ok=True)
+    for stale in (run.notebook_path, run.results_path):
+        stale.unlink(missing_ok=True)
+    _write_record(run)
 
 
 def prepare_profile(profile: Profile) -> None:
@@ -361,7 +399,7 @@ def execute_runs(runs: Sequence[Run], *, jobs: int = 1, force: bool = False) -> 
     pending = list(runs)
     running: dict[concurrent.futures.Future, Run] = {}
     total = len(runs)
-    finished = 0
+    finished = started = 0
 
     def settle(run: Run) -> None:
         nonlocal finished
@@ -379,8 +417,7 @@ def execute_runs(runs: Sequence[Run], *, jobs: int = 1, force: bool = False) -> 
                 pending.remove(run)
                 failed = [d for d in run.depends_on if d.status in ("failed", "blocked")]
                 if failed and not run.is_page:
-                    run.status = "blocked"
-                    run.error = f"blocked by the failure of {failed[0].name}"
+                    _block(run, f"blocked by the failure of {failed[0].name}")
                     finished += 1
                     logger.error("[%d/%d] BLOCKED %s: %s", finished, total, run.name, run.error)
                     continue
@@ -394,7 +431,8 @@ def execute_runs(runs: Sequence[Run], *, jobs: int = 1, force: bool = False) -> 
                     pending.insert(0, run)
                     break
                 run.status = "running"
-                logger.info("[%d/%d] starting %s", finished + 1, total, run.name)
+                started += 1
+                logger.info("starting %s (%d started, %d of %d done)", run.name, started, finished, total)
                 running[pool.submit(execute_run, run)] = run
             if running:
                 done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -426,33 +464,109 @@ def summarise(runs: Sequence[Run]) -> str:
 # The book
 
 
-def book_toc(matrix_root: Path, profile: str, build_dir: Path) -> Path:
-    """The table of contents for ``profile``: ``_toc.yml`` lists the demo runs; other profiles swap the folder."""
-    toc = matrix_root / "_toc.yml"
-    if profile == "demo":
-        return toc
-    text = toc.read_text().replace(f"{RUNS_DIRNAME}/demo/", f"{RUNS_DIRNAME}/{profile}/")
-    target = build_dir / f"_toc.{profile}.yml"
+class BookError(RuntimeError):
+    """The book cannot be built (nothing executed yet, or a broken table of contents)."""
+
+
+def book_toc(matrix: Matrix, profile: str) -> Path:
+    """Write the table of contents of ``profile``'s book and return its path.
+
+    ``_toc.yml`` is the template: its ``runs/demo/`` entries are moved to ``runs/<profile>/`` and each
+    ``glob`` entry is replaced by the runs of the matrix that have an executed notebook, in matrix
+    order. Notebooks left over from runs no longer in the matrix stay out of the book, and a stage
+    page that was never executed is dropped together with its runs.
+    """
+    import fnmatch
+
+    import yaml
+
+    root = matrix.path.parent
+    template = yaml.safe_load((root / "_toc.yml").read_text())
+    demo_prefix = f"{RUNS_DIRNAME}/demo/"
+    executed = [
+        str(run.notebook_path.relative_to(root).with_suffix(""))
+        for run in plan_runs(matrix, profile)
+        if not run.is_page and run.notebook_path.is_file()
+    ]
+
+    def localise(name: str) -> str:
+        return f"{RUNS_DIRNAME}/{profile}/{name[len(demo_prefix):]}" if name.startswith(demo_prefix) else name
+
+    def exists(docname: str) -> bool:
+        return any((root / f"{docname}{suffix}").is_file() for suffix in (".ipynb", ".md", ".py"))
+
+    def expand(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        expanded: list[dict[str, Any]] = []
+        for entry in entries:
+            if "glob" in entry:
+                pattern = localise(entry["glob"])
+                expanded += [{"file": docname} for docname in executed if fnmatch.fnmatch(docname, pattern)]
+            elif "file" in entry:
+                docname = localise(entry["file"])
+                if not exists(docname):
+                    logger.warning("Leaving %s out of the book: it has not been executed.", docname)
+                    continue
+                item = {**entry, "file": docname}
+                if "sections" in entry:
+                    item["sections"] = expand(entry["sections"])
+                    if not item["sections"]:
+                        del item["sections"]
+                expanded.append(item)
+            else:
+                expanded.append(entry)
+        return expanded
+
+    toc = dict(template)
+    if "parts" in toc:
+        parts = [{**part, "chapters": expand(part.get("chapters", []))} for part in toc["parts"]]
+        toc["parts"] = [part for part in parts if part["chapters"]]
+    if "chapters" in toc:
+        toc["chapters"] = expand(toc["chapters"])
+    if not any(docname.startswith(f"{RUNS_DIRNAME}/{profile}/") for docname in _toc_files(toc)):
+        raise BookError(
+            f"No executed notebook of profile {profile!r} under {root / RUNS_DIRNAME / profile}; "
+            f"run `rmsae run --profile {profile}` first."
+        )
+    target = root / "_build" / "toc" / f"_toc.{profile}.yml"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
+    target.write_text(yaml.safe_dump(toc, sort_keys=False))
     return target
 
 
-def build_book(matrix_root: Path, profile: str, *, strict: bool = True) -> int:
-    """Build the Jupyter Book into ``<matrix_root>/_build/html`` from the executed notebooks; return the exit status.
+def _toc_files(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if "file" in node:
+            yield node["file"]
+        for value in node.values():
+            yield from _toc_files(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _toc_files(item)
+
+
+def book_output(matrix: Matrix, profile: str) -> Path:
+    """Folder of the built HTML: ``_build/html`` for the demo profile, ``_build/<profile>/_build/html`` for others."""
+    root = matrix.path.parent
+    return root / "_build" / "html" if profile == "demo" else root / "_build" / profile / "_build" / "html"
+
+
+def build_book(matrix: Matrix, profile: str, *, strict: bool = True) -> int:
+    """Build the Jupyter Book of ``profile`` from the executed notebooks; return the exit status.
 
     Notebooks are not executed again. ``strict`` turns Sphinx warnings (a missing glue key, a broken
-    reference) into errors.
+    reference) into errors. The HTML goes to :func:`book_output`.
     """
     import subprocess
 
-    toc = book_toc(matrix_root, profile, matrix_root / "_build")
+    root = matrix.path.parent
+    toc = book_toc(matrix, profile)
+    path_output = root if profile == "demo" else root / "_build" / profile
     command = [
         sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
-        "build", str(matrix_root), "--path-output", str(matrix_root), "--toc", str(toc),
+        "build", str(root), "--path-output", str(path_output), "--toc", str(toc),
     ]
     if strict:
         command += ["-W", "-n", "--keep-going"]
     command.append("--all")  # rebuild every page, so each warning is reported on every build
     logger.info("Building the book for profile %s (table of contents %s).", profile, toc)
-    return subprocess.run(command, cwd=matrix_root).returncode
+    return subprocess.run(command, cwd=root).returncode

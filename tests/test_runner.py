@@ -143,11 +143,12 @@ PAGE = '''\
 profile = "t"
 stage = "probe"
 runs_dir = "runs/t"
+expected_runs = []
 results_path = "probe.json"
 
 # %%
 from rmsae.experiments import collect_results, save_results
-runs = collect_results(runs_dir, stage)
+runs = collect_results(runs_dir, stage, expected_runs)
 print(runs[["model", "status"]].to_string(index=False))
 results_file = save_results(results_path, {"statuses": dict(zip(runs["model"], runs["status"]))})
 '''
@@ -227,6 +228,9 @@ def edit_matrix(path: Path, edit) -> None:
         (lambda d: d["profiles"]["t"].update(parameters={"nostage": {}}), "profiles.t.parameters.nostage: no such stage"),
         (lambda d: d["profiles"]["t"]["models"].update({"bad name": {"layers": [0]}}), "name 'bad name' must be letters"),
         (lambda d: d.pop("profiles"), r"missing key\(s\) \['profiles'\]"),
+        (lambda d: d["stages"]["probe"]["parameters"].update(value="32x"), "stages.probe.parameters.value must be an integer, got '32x'"),
+        (lambda d: d["profiles"]["t"].update(data="hh-rlfh"), "profiles.t.data: 'hh-rlfh' is neither"),
+        (lambda d: d["profiles"]["t"]["models"]["alpha"].update(source="/no/such/folder"), "the folder /no/such/folder does not exist"),
     ],
 )
 def test_matrix_validation(tmp_path, edit, message):
@@ -332,7 +336,7 @@ def test_failing_run_does_not_hide_the_others_and_fails_the_book(tmp_path, capsy
     assert page_results == {"statuses": {"alpha": "ok", "beta": "failed"}}
 
     # The book was still built, and alpha's page shows its glued figure as an image.
-    html = (tmp_path / "_build" / "html" / "runs" / "t" / "alpha" / "probe.html").read_text()
+    html = (tmp_path / "_build" / "t" / "_build" / "html" / "runs" / "t" / "alpha" / "probe.html").read_text()
     assert len(re.findall(r"<img[^>]+_images/[^>]+\.png", html)) == 1
     assert "The glued value is 1" in re.sub(r"<[^>]+>", "", html)
     assert "&lt;Figure size" not in html
@@ -352,7 +356,41 @@ def test_book_build_fails_on_a_missing_glue_key(tmp_path):
     source.write_text(source.read_text().replace('glue("probe_value"', 'glue("other_value"'))
     runs = execute_runs(plan_runs(load_matrix(path), "t", stages=["probe"]))
     assert not failures(runs)
-    assert build_book(tmp_path, "t") != 0
+    assert build_book(load_matrix(path), "t") != 0
+
+
+def test_book_lists_only_runs_of_the_matrix(tmp_path, capsys):
+    import yaml as yaml_module
+
+    from rmsae.runner import BookError, book_toc
+
+    path = write_project(tmp_path, models=("alpha", "beta"))
+    with pytest.raises(BookError, match="No executed notebook of profile 't'.*run `rmsae run --profile t` first"):
+        book_toc(load_matrix(path), "t")
+    assert main(["book", "--matrix", str(path), "--profile", "t", "--no-run"]) == 2
+
+    assert not failures(execute_runs(plan_runs(load_matrix(path), "t", stages=["probe"])))
+    toc = yaml_module.safe_load(book_toc(load_matrix(path), "t").read_text())
+    assert toc["chapters"][0]["file"] == "runs/t/probe"
+    assert [entry["file"] for entry in toc["chapters"][0]["sections"]] == ["runs/t/alpha/probe", "runs/t/beta/probe"]
+
+    # beta leaves the matrix: its old notebook stays on disk but leaves the book and the page.
+    edit_matrix(path, lambda d: d["profiles"]["t"]["models"].pop("beta"))
+    runs = execute_runs(plan_runs(load_matrix(path), "t", stages=["probe"]))
+    assert statuses(runs) == {"t/alpha/probe": "skipped", "t/probe (page)": "ok"}
+    toc = yaml_module.safe_load(book_toc(load_matrix(path), "t").read_text())
+    assert [entry["file"] for entry in toc["chapters"][0]["sections"]] == ["runs/t/alpha/probe"]
+    assert json.loads((tmp_path / "runs" / "t" / "probe.json").read_text()) == {"statuses": {"alpha": "ok"}}
+    assert main(["book", "--matrix", str(path), "--profile", "t", "--no-run"]) == 0
+    assert "_build/t/_build/html" in capsys.readouterr().out
+
+
+def test_selection_does_not_change_fingerprints(tmp_path):
+    path = write_project(tmp_path, models=("alpha",))
+    assert not failures(execute_runs(plan_runs(load_matrix(path), "t")))
+    only_layered = execute_runs(plan_runs(load_matrix(path), "t", stages=["layered"]))
+    assert [run.status for run in only_layered] == ["skipped"]
+    assert [run.status for run in execute_runs(plan_runs(load_matrix(path), "t"))] == ["skipped"] * 3
 
 
 def test_runner_rejects_unknown_selection(tmp_path):
