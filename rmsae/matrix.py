@@ -202,7 +202,7 @@ def _parse_stage(name: str, entry: Any, root: Path) -> tuple[Stage, dict[str, An
 
 
 def _rooted(value: str, root: Path) -> str:
-    """A relative path in the matrix is relative to the matrix file's folder."""
+    """Resolve a relative path of the matrix against the matrix file's folder, if it exists there."""
     path = Path(value).expanduser()
     return value if path.is_absolute() or not (root / path).exists() else str(root / path)
 

@@ -11,9 +11,9 @@ the stage's jupytext source to a notebook, executes it with papermill, and write
 A stage's ``page`` notebook runs once per profile after the stage's runs, into
 ``runs/<profile>/<stage>.ipynb``; it gathers the stage's results for the book.
 
-A run is skipped when its record shows it succeeded with the same fingerprint: the notebook source,
-the parameters, the rmsae sources, the data file, the split manifest, the model and SAE files and the
-records of the runs it depends on. A failed run does not stop the others; runs that depend on it are
+A run is skipped when its record shows it succeeded with the same fingerprint. The fingerprint
+covers the notebook source, the parameters, the rmsae sources, the data file, the split manifest,
+the model and SAE files, and the records of the runs it depends on. A failed run does not stop the others; runs that depend on it are
 reported as blocked.
 """
 
@@ -99,7 +99,7 @@ class Run:
 
 
 def sae_argument(model: ModelEntry, layer: int) -> str:
-    """The ``sae`` parameter a per-layer run receives (see :func:`rmsae.experiments.load_run_sae`)."""
+    """Return the ``sae`` parameter a per-layer run receives (see :func:`rmsae.experiments.load_run_sae`)."""
     if model.sae == "demo":
         from .demo import demo_sae_dir
 
@@ -284,7 +284,7 @@ def run_fingerprint(run: Run, library: str) -> str:
 
 
 def _upstream_state(record_path: Path) -> Any:
-    """What a dependent run's fingerprint takes from an upstream record: status, fingerprint, results file."""
+    """Return what a dependent run's fingerprint takes from an upstream record: status, fingerprint, results file."""
     record = _read_record(record_path)
     if not record:
         return "missing"
@@ -319,8 +319,8 @@ def _titled_notebook(run: Run):
     notebook = jupytext.read(run.source)
     notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": "Python 3", "language": "python"}
     notebook.metadata.pop("jupytext", None)
-    # The source's heading names the stage; the executed copy names the model and layer too, so the
-    # book's table of contents tells the runs apart.
+    # The source's heading names the stage. The executed copy names the model and layer too, so the
+    # runs have distinct titles in the book's table of contents.
     if run.title and notebook.cells and notebook.cells[0].cell_type == "markdown":
         lines = notebook.cells[0].source.split("\n")
         if lines[0].startswith("# "):
