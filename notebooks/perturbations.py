@@ -90,7 +90,7 @@ with ActivationCache(reward_model.cache_namespace()) as cache:
             extra = {"paraphraser": make_paraphraser(paraphraser), "meaning": MeaningScorer()}
             selected = pairs[:gradient_pairs]
         records[method] = run_perturbations(reward_model, selected, settings, records_dir / f"perturbations_{method}.jsonl",
-                                            cache=cache, progress=False, **extra)
+                                            cache=cache, progress=False, restart_if_changed=True, **extra)
         statistics[method] = perturbation_statistics(records[method])
 print(f"{model_name}: {len(pairs)} held-out pairs; records in {records_dir}.")
 

@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     perturb.add_argument("--paraphraser-model", help="API model name (openai) or checkpoint folder (local)")
     perturb.add_argument("--base-url", help="openai paraphraser: API base URL (default $OPENAI_BASE_URL, else api.openai.com)")
     perturb.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass (default 16)")
+    perturb.add_argument("--device", default="cpu", help="torch device of the reward model and the meaning scorer (default cpu)")
     perturb.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     perturb.set_defaults(handler=run_perturb)
 
@@ -321,9 +322,9 @@ def run_perturb(args: argparse.Namespace) -> int:
             if not args.paraphraser_model:
                 raise ValueError("--paraphraser local needs --paraphraser-model with a checkpoint folder.")
             options = {"model_path": args.paraphraser_model}
-        paraphraser, meaning = make_paraphraser(args.paraphraser, **options), MeaningScorer()
+        paraphraser, meaning = make_paraphraser(args.paraphraser, **options), MeaningScorer(device=args.device)
 
-    reward_model = load_reward_model(args.model)
+    reward_model = load_reward_model(args.model, device=args.device)
     pairs = load_run_pairs(args.data, args.split, args.limit)
     if args.no_cache:
         records = run_perturbations(reward_model, pairs, settings, args.out, paraphraser=paraphraser, meaning=meaning)
@@ -331,6 +332,12 @@ def run_perturb(args: argparse.Namespace) -> int:
         with ActivationCache(reward_model.cache_namespace()) as cache:
             records = run_perturbations(reward_model, pairs, settings, args.out, cache=cache, paraphraser=paraphraser, meaning=meaning)
     statistics = perturbation_statistics(records)
+    if statistics["paraphrase_fallbacks"]:
+        logger.warning(
+            "%d paraphrase calls returned no usable rewrite and kept the response unchanged; check the "
+            "paraphraser (see 'fallback' in the records' history) before trusting the flip rates.",
+            statistics["paraphrase_fallbacks"],
+        )
     for key, value in statistics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     print(f"records: {args.out}")
@@ -493,6 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.handler(args)
+    except KeyboardInterrupt:
+        logger.error("Interrupted. Files are written atomically or record by record: rerun the same command to resume.")
+        return 130
     except (DataError, DataNotFoundError, MatrixError, PerturbationError, RewardHeadError, SAECheckpointError, ValueError, TypeError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2

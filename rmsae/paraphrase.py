@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
 _REWRITE_TAG = re.compile(r"<rewrite>(.*?)</rewrite>", re.DOTALL)
+# A rewrite that adds a dialogue turn of its own would change the conversation, not the response.
+_ROLE_MARKER = re.compile(r"(^|\n)\s*(Human|Assistant|USER|ASSISTANT|User|System)\s*:")
 
 
 def _minilm_path() -> str:
@@ -384,9 +386,15 @@ def gradient_paraphrase_record(reward_model, pair: PreferencePair, settings, par
             response = getattr(current, side)
             candidates = [c for c in paraphraser.rewrite(RewriteRequest(response, tuple(words), side, context)) if c.text.strip()]
             scores = meaning.similarity(getattr(pair, side), [c.text for c in candidates])
-            accepted = [c for c, score in zip(candidates, scores) if score >= settings.meaning_threshold and c.text != response]
+            with_markers = {id(c) for c in candidates if _ROLE_MARKER.search(c.text) and not _ROLE_MARKER.search(response)}
+            accepted = [
+                c for c, score in zip(candidates, scores)
+                if score >= settings.meaning_threshold and c.text != response and id(c) not in with_markers
+            ]
             entry[f"candidates_{side}"] = [
-                {"text": c.text, "meaning": float(score), "accepted": c in accepted, **c.log} for c, score in zip(candidates, scores)
+                {"text": c.text, "meaning": float(score), "accepted": c in accepted,
+                 **({"rejected_for": "role marker"} if id(c) in with_markers else {}), **c.log}
+                for c, score in zip(candidates, scores)
             ]
             if not accepted:
                 continue

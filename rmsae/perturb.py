@@ -249,10 +249,16 @@ def perturbation_statistics(records: Sequence[dict[str, Any]], *, n_resamples: i
     initial = np.array([record["initial_rewards"]["diff"] > 0 for record in records])
     final = np.array([record["final_rewards"]["diff"] > 0 for record in records])
     success = initial & ~final
+    fallbacks = sum(
+        1 for record in records for entry in record.get("history", []) for side in ("chosen", "rejected")
+        for candidate in entry.get(f"candidates_{side}", []) if candidate.get("fallback")
+    )
     statistics: dict[str, Any] = {
         "pairs": len(records),
         "initially_correct": int(initial.sum()),
         "successes": int(success.sum()),
+        # Paraphrase calls that returned no usable rewrite (API errors, untagged replies).
+        "paraphrase_fallbacks": fallbacks,
     }
     for name, values in (
         ("initial_accuracy", initial),
@@ -374,19 +380,29 @@ def run_perturbations(
     meaning=None,
     chunk_size: int = 64,
     progress: bool = True,
+    restart_if_changed: bool = False,
 ) -> list[dict[str, Any]]:
     """Perturb ``pairs`` with ``settings.method``; append one record per case to ``out_path``; return all records.
 
-    Cases already in ``out_path`` (by case id) are skipped, so an interrupted run resumes. The
-    ``gradient`` method needs a ``paraphraser`` and a ``meaning`` scorer (see :mod:`rmsae.paraphrase`).
+    Cases already in ``out_path`` (by case id) are skipped, so an interrupted run resumes. Records
+    of another model, method or settings in ``out_path`` raise :class:`PerturbationError`, or, with
+    ``restart_if_changed``, the file is started over. The ``gradient`` method needs a
+    ``paraphraser`` and a ``meaning`` scorer (see :mod:`rmsae.paraphrase`).
     """
     from tqdm import tqdm
 
+    common = {"model": reward_model.spec.tag, "max_length": reward_model.max_length, "settings": settings.recorded()}
+    try:
+        _check_same_run(out_path, common, ATTACK_TYPES[settings.method])
+    except PerturbationError:
+        if not restart_if_changed:
+            raise
+        logger.warning("%s holds records of other settings; starting it over.", out_path)
+        Path(out_path).unlink()
     writer = RecordWriter(out_path)
     todo = [pair for pair in pairs if pair.case_id not in writer.done]
     if len(todo) < len(pairs):
         logger.info("%s: %d of %d cases already done; resuming.", out_path, len(pairs) - len(todo), len(pairs))
-    common = {"model": reward_model.spec.tag, "max_length": reward_model.max_length, "settings": settings.recorded()}
     if settings.method == "gradient":
         from .paraphrase import gradient_paraphrase_record
 
@@ -401,6 +417,19 @@ def run_perturbations(
             writer.write(produce(reward_model, chunk, settings, cache, common))
     requested_ids = {pair.case_id for pair in pairs}
     return [record for record in read_records(out_path) if record.get("case_id") in requested_ids]
+
+
+def _check_same_run(out_path: str | os.PathLike, common: dict[str, Any], attack_type: str) -> None:
+    """Raise if ``out_path`` holds records of another model, method or settings, which a resume would mix in."""
+    current = json.loads(json.dumps({**common, "attack_type": attack_type}))
+    for record in read_records(out_path):
+        found = {key: record.get(key) for key in current}
+        if found != current:
+            differing = sorted(key for key in current if found[key] != current[key])
+            raise PerturbationError(
+                f"{out_path} holds records of another run ({', '.join(differing)} differ: {found} instead of "
+                f"{current}); give a new --out file, or delete this one to start over."
+            )
 
 
 def recompute_success(records, reward_model, *, batch_size: int = 16, cache=None) -> list[dict[str, Any]]:
