@@ -41,7 +41,6 @@ globals().update(check_all(globals(), {**RUN_PARAMETERS, **LAYER_PARAMETERS, "ac
 # %%
 from myst_nb import glue
 
-from rmsae.analysis import latent_density
 from rmsae.cache import ActivationCache
 from rmsae.experiments import load_run_pairs, load_run_sae, save_results, show
 from rmsae.plots import latent_density_histogram
@@ -64,8 +63,7 @@ print(f"{loaded.info.architecture} SAE with {loaded.d_sae} latents on block {lay
 # %%
 texts = [pair.conversation(side) for pair in pairs for side in ("chosen", "rejected")][:activation_texts]
 activations = reward_model.token_activations(texts, [layer], batch_size=batch_size, progress=False)[layer]
-fidelity = sae_fidelity(loaded, activations)
-density = latent_density(loaded, activations)
+fidelity, density = sae_fidelity(loaded, activations, return_density=True)
 for key in ("explained_variance", "l0", "dead_fraction"):
     glue(key, round(fidelity[key], 3), display=False)
 print(f"{fidelity['n_tokens']} tokens: explained variance {fidelity['explained_variance']:.3f}, "

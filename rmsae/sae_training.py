@@ -159,18 +159,19 @@ def train_sae(
 
 
 @torch.no_grad()
-def sae_fidelity(loaded, activations: torch.Tensor, *, batch_size: int = 4096) -> dict[str, float]:
+def sae_fidelity(loaded, activations: torch.Tensor, *, batch_size: int = 4096, return_density: bool = False):
     """Measure an SAE on held-out (n_tokens, d_in) activations.
 
     Returns explained variance (1 - residual sum of squares / total sum of squares around the mean
     vector), mean L0 (active latents per token), the dead-latent fraction (latents never active on
-    these tokens) and the mean squared error per token.
+    these tokens) and the mean squared error per token. With ``return_density``, returns
+    ``(metrics, density)``, where ``density`` (d_sae,) is the fraction of tokens on which each latent fires.
     """
     if len(activations) == 0:
         raise ValueError("sae_fidelity needs at least one activation vector.")
     mean = activations.mean(dim=0)
     residual, total, l0_sum = 0.0, 0.0, 0.0
-    ever_active = torch.zeros(loaded.d_sae, dtype=torch.bool)
+    fire_counts = torch.zeros(loaded.d_sae, dtype=torch.float64)
     for start in range(0, len(activations), batch_size):
         x = activations[start : start + batch_size].float()
         codes = loaded.encode(x)
@@ -179,12 +180,13 @@ def sae_fidelity(loaded, activations: torch.Tensor, *, batch_size: int = 4096) -
         total += float(((x - mean) ** 2).sum())
         active = codes > 0
         l0_sum += float(active.sum())
-        ever_active |= active.any(dim=0).cpu()
+        fire_counts += active.sum(dim=0).double().cpu()
     n = len(activations)
-    return {
+    metrics = {
         "explained_variance": 1.0 - residual / total,
         "l0": l0_sum / n,
-        "dead_fraction": float((~ever_active).float().mean()),
+        "dead_fraction": float((fire_counts == 0).double().mean()),
         "mse": residual / n,
         "n_tokens": n,
     }
+    return (metrics, (fire_counts / n).numpy()) if return_density else metrics

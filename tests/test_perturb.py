@@ -224,7 +224,7 @@ def test_resume_rejects_records_of_other_settings(tmp_path):
     pairs = [pair(f"question {i}", "Safe.", "Bad.") for i in range(3)]
     out = tmp_path / "r.jsonl"
     run_perturbations(KeywordScorer(), pairs, PerturbationSettings(method="backdoor"), out, progress=False)
-    with pytest.raises(PerturbationError, match="holds records of another run \\(attack_type, settings differ"):
+    with pytest.raises(PerturbationError, match="contains records of another run \\(attack_type, settings differ"):
         run_perturbations(KeywordScorer(), pairs, PerturbationSettings(method="inject"), out, progress=False)
     with pytest.raises(PerturbationError, match="settings differ"):
         run_perturbations(KeywordScorer(), pairs, PerturbationSettings(method="backdoor", trigger="cf"), out, progress=False)

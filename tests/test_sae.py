@@ -267,6 +267,16 @@ def test_training_lowers_loss(tmp_path):
     assert info.normalize_activations == "none"
     assert json.loads((tmp_path / "synthetic_layer0" / "rmsae_training.json").read_text())["config"]["d_sae"] == 96
 
+    # The density agrees with the codes, and with L0 and the dead fraction computed beside it.
+    metrics, density = sae_fidelity(loaded, held_out, return_density=True)
+    expected = (loaded.encode(held_out) > 0).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(density, expected)
+    assert metrics == after
+    _, batched = sae_fidelity(loaded, held_out, batch_size=300, return_density=True)
+    np.testing.assert_allclose(batched, expected)
+    assert density.sum() == pytest.approx(after["l0"])
+    assert (density == 0).mean() == pytest.approx(after["dead_fraction"])
+
 
 def test_training_rejects_bad_input(tmp_path):
     config = SAETrainingConfig(d_sae=16, training_steps=2, batch_size_tokens=64)
