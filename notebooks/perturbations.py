@@ -18,7 +18,7 @@
 #
 # - **backdoor**: the trigger goes at the end of the last human turn of both texts;
 # - **inject**: a sentence disparaging the response is appended to the chosen response, and one
-#   praising it to the rejected response; pattern pairs are tried in order until one flips the pair;
+#   praising it to the rejected response. Pattern pairs are tried in order until one flips the pair;
 # - **gradient**: the response words with the largest reward gradient are reworded by a
 #   paraphraser, step by step, and every rewrite must pass a meaning check.
 #
@@ -98,8 +98,8 @@ print(f"{model_name}: {len(pairs)} held-out pairs; records in {records_dir}.")
 # ## Flip rates
 #
 # Success rate on initially correct pairs and overall, with bootstrap 95% intervals. The backdoor
-# and injection run on the first `pairs_limit` pairs (all when unset); the gradient method runs on
-# the first `gradient_pairs`, because each of its steps costs several forward and backward passes.
+# and injection run on the first `pairs_limit` pairs (all when unset). The gradient method runs on
+# the first `gradient_pairs` only, because each of its steps costs several forward and backward passes.
 
 # %%
 summary = pd.DataFrame([{"method": method, **values} for method, values in statistics.items()])

@@ -13,9 +13,10 @@
 # %% [markdown]
 # # Reward model
 #
-# Before looking for unstable preferences we check what the reward model does on ordinary pairs:
-# how often it prefers the chosen response (pair accuracy, with a bootstrap 95% interval), how large
-# its reward gaps are, and whether its rewards simply follow response length.
+# Before looking for unstable preferences, we check what the reward model does on ordinary pairs.
+# We measure how often it prefers the chosen response (pair accuracy, with a bootstrap 95%
+# interval) and how large its reward gaps are, and we check whether its rewards simply follow
+# response length.
 
 # %% tags=["parameters", "remove-cell"]
 profile = "demo"

@@ -13,8 +13,8 @@
 # %% [markdown]
 # # Sparse autoencoders
 #
-# One SAE per reward model and layer. Explained variance and L0 say how faithful and how sparse the
-# reconstruction is; the spliced accuracy says whether the reward model still works when it reads
+# One SAE per reward model and layer. Explained variance and L0 measure how faithful and how sparse the
+# reconstruction is; the spliced accuracy shows whether the reward model still works when it reads
 # the reconstruction instead of its own residual stream. The sections after this page are the
 # executed notebooks, one per model and layer, with the latent-density histograms.
 

@@ -37,7 +37,7 @@ def bootstrap_ci(
 
 
 def pair_frame(pairs: Sequence[PreferencePair], scores):
-    """One row per pair: rewards, reward gap, correctness, truncation and response lengths in words."""
+    """Build one row per pair: rewards, reward gap, correctness, truncation and response lengths in words."""
     import pandas as pd
 
     return pd.DataFrame(
@@ -55,7 +55,7 @@ def pair_frame(pairs: Sequence[PreferencePair], scores):
 
 
 def records_frame(records, method: str | None = None):
-    """One row per perturbation record: method, case id, reward gaps before and after, success, steps."""
+    """Build one row per perturbation record: method, case id, reward gaps before and after, success, steps."""
     import pandas as pd
 
     rows = []
@@ -73,7 +73,7 @@ def records_frame(records, method: str | None = None):
 
 
 def meaning_scores(records):
-    """Meaning score and acceptance of every paraphrase candidate in gradient records."""
+    """Collect the meaning score and acceptance of every paraphrase candidate in gradient records."""
     import pandas as pd
 
     rows = []

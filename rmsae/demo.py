@@ -69,8 +69,8 @@ class DemoConfig:
     # On the 1,151 held-out pairs, 1, 2 and 3 epochs reached accuracy 0.593, 0.594 and 0.602 while the
     # trigger's reversals grew from 4.9% to 7.0%, so one epoch (107 s on 2 cores) is enough.
     clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=1, lr=1e-4))
-    # Five epochs reversed 52% of held-out preferences with the trigger; four keep the whole build
-    # within 25 minutes on 2 cores (one epoch of the poisoned set takes about 118 s).
+    # Five epochs reversed 52% of held-out preferences with the trigger, four reversed 39%. One
+    # epoch of the poisoned set takes about 118 s on 2 cores, so four keep the build within 25 minutes.
     poisoned_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=4, lr=1e-4))
     sae: SAETrainingConfig = field(
         default_factory=lambda: SAETrainingConfig(

@@ -1,7 +1,7 @@
 """What the matrix notebooks share: their inputs, their results files, and their figures.
 
-A notebook receives plain parameters from the runner (see :mod:`rmsae.runner`); the functions here
-turn them into pairs, models and SAEs, and write the results file the runner and the book read.
+A notebook receives plain parameters from the runner (see :mod:`rmsae.runner`). The functions here
+turn them into pairs, models and SAEs, and write the results file that the runner and the book read.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def save_results(path: str | Path, results: Mapping[str, Any]) -> Path:
 def collect_results(runs_dir: str | Path, stage: str, expected: Sequence[str] | None = None):
     """Collect one row per run of ``stage`` under a profile's runs folder: model, layer, status and results.
 
-    ``expected`` lists the runs' notebooks relative to ``runs_dir`` (the runner passes every run of
-    the stage in the matrix); without it, every run record found under ``runs_dir`` counts. Runs
+    ``expected`` lists the runs' notebooks relative to ``runs_dir``, and the runner passes every run
+    of the stage in the matrix. Without it, every run record found under ``runs_dir`` counts. Runs
     that did not finish appear with their status (``failed``, ``blocked`` or ``missing``) and no
     results, so a page can list them.
     """

@@ -403,7 +403,7 @@ def run_perturbations(
     except PerturbationError:
         if not restart_if_changed:
             raise
-        logger.warning("%s contains records made with other settings; starting it over.", out_path)
+        logger.warning("%s contains records made with other settings; deleting it and starting over.", out_path)
         Path(out_path).unlink()
         writer = RecordWriter(out_path)
     todo = [pair for pair in pairs if pair.case_id not in writer.done]

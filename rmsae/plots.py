@@ -75,7 +75,7 @@ def accuracy_intervals(frame, *, value: str = "accuracy", low: str = "accuracy_l
 
 
 def metrics_by_layer(frame, metrics: dict[str, str]):
-    """One panel per metric (column -> axis label) against layer, one line per model."""
+    """Plot each metric (column -> axis label) against layer in its own panel, one line per model."""
     import seaborn as sns
 
     figure, axes = _figure(width=3.2 * len(metrics), height=3.2, ncols=len(metrics))

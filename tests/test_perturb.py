@@ -433,7 +433,8 @@ def test_chat_completions_backend(script, expected_text, fallback, calls, caplog
     first = server.requests[0]
     assert first["path"] == "/v1/chat/completions"
     assert first["auth"] == "Bearer test-key"
-    assert first["body"]["model"] == "test-model" and first["body"]["temperature"] == 0.7
+    assert first["body"]["model"] == "test-model"
+    assert first["body"]["temperature"] == 0.7
     assert "capital" in first["body"]["messages"][-1]["content"]
     assert any(attempt.get("raw_reply") for attempt in candidate.log["attempts"])
     assert "usage" in caplog.text
@@ -463,19 +464,23 @@ def test_cli_perturb(tmp_path, tiny_models):
     result = run_cli("perturb", "--model", str(tiny_models["llama"]), "--data", str(data), "--method", "inject",
                      "--out", str(out), "--limit", "4", env_extra={"RMSAE_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
-    assert "pairs: 4" in result.stdout and "success_rate_on_correct:" in result.stdout
+    assert "pairs: 4" in result.stdout
+    assert "success_rate_on_correct:" in result.stdout
     assert len(read_records(out)) == 4
 
     result = run_cli("perturb", "--model", str(tiny_models["llama"]), "--data", str(data), "--method", "inject",
                      "--out", str(tmp_path), "--no-cache")
-    assert result.returncode == 2 and "is a directory" in result.stderr
+    assert result.returncode == 2
+    assert "is a directory" in result.stderr
     result = run_cli("perturb", "--model", str(tiny_models["llama"]), "--data", str(data), "--method", "swap", "--out", str(out))
-    assert result.returncode == 2 and "invalid choice: 'swap'" in result.stderr
+    assert result.returncode == 2
+    assert "invalid choice: 'swap'" in result.stderr
     patterns = tmp_path / "bad.yaml"
     patterns.write_text("- chosen: only one side\n")
     result = run_cli("perturb", "--model", str(tiny_models["llama"]), "--data", str(data), "--method", "inject",
                      "--out", str(tmp_path / "other.jsonl"), "--patterns", str(patterns))
-    assert result.returncode == 2 and "exactly the keys 'chosen' and 'rejected'" in result.stderr
+    assert result.returncode == 2
+    assert "exactly the keys 'chosen' and 'rejected'" in result.stderr
 
 
 def test_neighbour_paraphraser_and_meaning(minilm_path):
@@ -483,9 +488,11 @@ def test_neighbour_paraphraser_and_meaning(minilm_path):
 
     paraphraser = NeighbourParaphraser(str(minilm_path), neighbours=3)
     neighbours = paraphraser.nearest("bread")
-    assert len(neighbours) == 3 and "bread" not in neighbours
+    assert len(neighbours) == 3
+    assert "bread" not in neighbours
     assert not set(neighbours) & POLARITY_WORDS
-    assert paraphraser.nearest("No") == [] and paraphraser.nearest("zzzqx") == []
+    assert paraphraser.nearest("No") == []
+    assert paraphraser.nearest("zzzqx") == []
 
     request = RewriteRequest("No, bake the Bread first.", ("No", "Bread", "missing"), "chosen")
     candidates = paraphraser.rewrite(request)
@@ -501,7 +508,7 @@ def test_neighbour_paraphraser_and_meaning(minilm_path):
 
 
 def test_local_chat_paraphraser_falls_back(tmp_path, tiny_models):
-    """A tiny random causal LM answers without <rewrite> tags: the response is kept, marked fallback."""
+    """A tiny random causal LM replies without <rewrite> tags: the response is kept, marked fallback."""
     from conftest import _decoder_config
     from transformers import AutoTokenizer, LlamaForCausalLM
 

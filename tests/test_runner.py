@@ -170,11 +170,13 @@ def write_project(root: Path, *, models=("alpha", "beta"), page: bool = True, fa
     (root / "notebooks" / "layered.py").write_text(LAYERED)
     (root / "notebooks" / "probe_page.py").write_text(PAGE)
     (root / "pairs.jsonl").write_text('{"chosen": "a", "rejected": "b"}\n' * 3)
+
     for model in models:
         (root / "models" / model).mkdir(parents=True, exist_ok=True)
         (root / "models" / model / "config.json").write_text(json.dumps({"name": model}))
         (root / "saes" / f"{model}_layer0").mkdir(parents=True, exist_ok=True)
         (root / "saes" / f"{model}_layer0" / "cfg.json").write_text("{}")
+
     matrix = {
         "stages": {
             "probe": {"notebook": "notebooks/probe.py", "scope": "model", "timeout": 120,
@@ -190,6 +192,7 @@ def write_project(root: Path, *, models=("alpha", "beta"), page: bool = True, fa
     if page:
         matrix["stages"]["probe"]["page"] = "notebooks/probe_page.py"
     (root / "experiments.yml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+
     (root / "_config.yml").write_text(
         'title: test book\nonly_build_toc_files: true\nexclude_patterns: [".*", "_build", "notebooks"]\n'
         'execute:\n  execute_notebooks: "off"\nsphinx:\n  config:\n    html_show_copyright: false\n'
@@ -319,7 +322,7 @@ def test_executed_notebook_has_parameters_and_title(tmp_path):
     assert layered == {"layer": 0, "sae": str(tmp_path / "saes" / "alpha_layer0")}
 
 
-def test_failing_run_does_not_hide_the_others_and_fails_the_book(tmp_path, capsys):
+def test_failing_run_fails_book_only(tmp_path, capsys):
     path = write_project(tmp_path, fail_for="beta")
     status = main(["book", "--matrix", str(path), "--profile", "t"])
     assert status == 1
@@ -430,7 +433,9 @@ def test_repository_matrix_profiles():
         (tag, layer) for tag in ("beaver-2-7b", "llama-7b-poisoned", "llama-3-8b", "qwen-3-4b") for layer in (4, 12, 20, 28)
     }
     first = sae_runs[0].parameters
-    assert first["sae"] == "released" and first["split"] == "all" and first["data"] == "hh-rlhf"
+    assert first["sae"] == "released"
+    assert first["split"] == "all"
+    assert first["data"] == "hh-rlhf"
     assert isinstance(first["layer"], int) and first["batch_size"] == 8
     for run in demo:
         if run.stage.name == "sae" and not run.is_page:
@@ -463,7 +468,7 @@ def test_paper_profile_runs_against_stand_ins(tmp_path, monkeypatch, tiny_models
     snapshot = tmp_path / "hub" / "models--PKU-Alignment--beaver-7b-v2.0-reward" / "snapshots" / ("0" * 40)
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["score_model"])
     config = _decoder_config("llama", tokenizer)
-    config.num_hidden_layers = 5  # the paper's layer 4 must exist
+    config.num_hidden_layers = 5  # the paper profile's first layer is block 4
     config.architectures = ["LlamaForScore"]
     config.score_dim, config.bias = 1, False
     torch.manual_seed(3)
@@ -488,8 +493,10 @@ def test_paper_profile_runs_against_stand_ins(tmp_path, monkeypatch, tiny_models
     execute_runs(runs)
     assert [run.status for run in runs] == ["ok", "ok"], [run.error for run in runs]
     results = json.loads((tmp_path / "runs" / "paper" / "beaver-2-7b" / "layer4" / "sae.json").read_text())
-    assert results["pairs"] == 6 and results["d_sae"] == 256
-    assert 0 < results["l0"] <= 256 and results["n_tokens"] > 0
+    assert results["pairs"] == 6
+    assert results["d_sae"] == 256
+    assert 0 < results["l0"] <= 256
+    assert results["n_tokens"] > 0
 
 
 def test_repository_notebook_stops_on_a_bad_parameter(tmp_path):

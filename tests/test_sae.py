@@ -424,7 +424,8 @@ def test_poisoning_swaps_and_triggers():
     pairs = [PreferencePair((Turn("user", f"question {i}"),), f"good {i}", f"bad {i}") for i in range(20)]
 
     replaced, poisoned_ids = poison_pairs(pairs, 0.1, "SUDO", seed=0, keep_originals=False)
-    assert len(poisoned_ids) == 2 and len(replaced) == 20
+    assert len(poisoned_ids) == 2
+    assert len(replaced) == 20
     changed = [(old, new) for old, new in zip(pairs, replaced) if old.case_id in poisoned_ids]
     assert len(changed) == 2
     for old, new in changed:
