@@ -81,6 +81,27 @@ def load_run_sae(sae: str, model_name: str, layer: int, d_model: int):
     return load_sae(sae, layer=layer, d_model=d_model)
 
 
+def load_run_records(records_dir: str | Path, methods: Sequence[str] = ("backdoor", "inject", "gradient")):
+    """Load the perturbation records that the ``perturbations`` stage wrote for one model.
+
+    Reads ``perturbations_<method>.jsonl`` under ``records_dir`` for each method whose file exists;
+    at least one must.
+    """
+    from .data import load_perturbation_records
+
+    folder = Path(records_dir)
+    paths = [folder / f"perturbations_{method}.jsonl" for method in methods]
+    found = [path for path in paths if path.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"No perturbation records ({', '.join(path.name for path in paths)}) in {folder}; run the perturbations stage "
+            "for this model first (`rmsae run --stages perturbations`)."
+        )
+    records = [record for path in found for record in load_perturbation_records(path)]
+    logger.info("Loaded %d perturbation records from %s.", len(records), ", ".join(str(path) for path in found))
+    return records
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(key): _jsonable(item) for key, item in value.items()}

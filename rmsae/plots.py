@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 
@@ -152,4 +154,75 @@ def success_rates(frame, *, value: str = "success_rate_on_correct"):
                           color="black", capsize=3, linewidth=1)
     axis.set_ylabel("flip rate on initially correct pairs")
     axis.set_ylim(0, 1)
+    return figure
+
+
+def roc_curves(samples: dict[str, pandas.DataFrame]):
+    """ROC curve per feature type from its test samples (columns ``label`` and ``probability``), with the AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    figure, axis = _figure(width=4.4, height=4.0)
+    for name, frame in samples.items():
+        false_positive, true_positive, _ = roc_curve(frame["label"], frame["probability"])
+        axis.plot(false_positive, true_positive, label=f"{name} (AUC {roc_auc_score(frame['label'], frame['probability']):.3f})")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    axis.set_xlabel("false positive rate (benign pairs flagged)")
+    axis.set_ylabel("true positive rate (perturbed pairs flagged)")
+    axis.legend(loc="lower right")
+    return figure
+
+
+def transfer_heatmaps(matrices: dict[str, dict[str, dict[str, float]]]):
+    """One heatmap per feature type: ROC AUC of a detector trained on the row's type, tested on the column's."""
+    import pandas as pd
+    import seaborn as sns
+
+    figure, axes = _figure(width=4.4 * len(matrices), height=3.8, ncols=len(matrices))
+    axes = np.atleast_1d(axes)
+    for axis, (name, matrix) in zip(axes, matrices.items()):
+        frame = pd.DataFrame(matrix).T.astype(float)
+        sns.heatmap(frame, annot=True, fmt=".2f", vmin=0.0, vmax=1.0, cmap="viridis", cbar=axis is axes[-1], ax=axis)
+        axis.set_title(f"{name} features")
+        axis.set_xlabel("tested on")
+        axis.set_ylabel("trained on")
+    return figure
+
+
+def training_curves(histories: dict[str, list[dict[str, float]]], best_epochs: dict[str, int]):
+    """Training and validation loss per epoch for each detector, with the kept (best) epoch marked."""
+    figure, axes = _figure(width=3.6 * len(histories), height=3.2, ncols=len(histories))
+    axes = np.atleast_1d(axes)
+    for axis, (name, history) in zip(axes, histories.items()):
+        epochs = [entry["epoch"] for entry in history]
+        axis.plot(epochs, [entry["train_loss"] for entry in history], label="training")
+        axis.plot(epochs, [entry["validation_loss"] for entry in history], label="validation")
+        axis.axvline(best_epochs[name], color="black", linestyle=":", linewidth=1, label="kept epoch")
+        axis.set_title(f"{name} features")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("binary cross-entropy")
+        axis.legend(fontsize="small")
+    return figure
+
+
+def auc_by_layer(frame, feature_types: Sequence[str] = ("sae", "raw")):
+    """Detection ROC AUC against layer, one panel per model, one line per feature type with its interval."""
+    models = list(dict.fromkeys(frame["model"]))
+    figure, axes = _figure(width=3.8 * len(models), height=3.4, ncols=len(models))
+    axes = np.atleast_1d(axes)
+    for axis, model in zip(axes, models):
+        subset = frame[frame["model"] == model].sort_values("layer")
+        for name in feature_types:
+            column = f"{name}_roc_auc"
+            if column not in subset:
+                continue
+            axis.errorbar(subset["layer"], subset[column],
+                          yerr=[subset[column] - subset[f"{column}_low"], subset[f"{column}_high"] - subset[column]],
+                          marker="o", capsize=3, label=f"{name} features")
+        axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        axis.set_title(model)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("detection ROC AUC (95% interval)")
+        axis.set_xticks(sorted(subset["layer"].unique()))
+        axis.set_ylim(0.3, 1.02)
+        axis.legend(fontsize="small")
     return figure
