@@ -95,7 +95,7 @@ with ActivationCache(reward_model.cache_namespace()) as cache:
         reward_model, records, layer=layer, sae=loaded, feature_types=feature_types, case_type=case_type,
         reward_threshold=reward_threshold, seed=seed, batch_size=batch_size, cache=cache, progress=False,
     )
-split_settings = {"test_ratio": test_ratio, "validation_ratio": validation_ratio, "seed": seed}
+split_settings = {"test_ratio": test_ratio, "validation_ratio": validation_ratio, "seed": seed, "model": reward_model.spec.tag}
 manifest = load_or_make_split(results_path.with_name("detection_split.json"), detection_data, **split_settings)
 detector_params = {"hidden_dims": hidden_dims, "dropout": dropout, "learning_rate": learning_rate,
                    "batch_size": detector_batch_size, "max_epochs": max_epochs, "patience": patience}

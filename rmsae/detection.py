@@ -234,6 +234,7 @@ class SplitManifest:
     test_ratio: float
     validation_ratio: float
     assignments: dict[str, str]
+    model: str | None = None
 
     def sides(self, data: DetectionData) -> np.ndarray:
         """Return each sample's side; a unit the manifest does not know is an error."""
@@ -251,7 +252,8 @@ class SplitManifest:
         return units == set(self.assignments)
 
     def settings(self) -> dict[str, Any]:
-        return {"mode": self.mode, "seed": self.seed, "test_ratio": self.test_ratio, "validation_ratio": self.validation_ratio}
+        return {"mode": self.mode, "seed": self.seed, "test_ratio": self.test_ratio, "validation_ratio": self.validation_ratio,
+                "model": self.model}
 
     def as_dict(self) -> dict[str, Any]:
         counts = {side: sum(1 for value in self.assignments.values() if value == side) for side in SIDES}
@@ -276,7 +278,8 @@ class SplitManifest:
         bad = sorted({side for side in raw["assignments"].values() if side not in SIDES})
         if raw["mode"] not in SPLIT_MODES or bad:
             raise DetectionError(f"The split manifest {path} has mode {raw['mode']!r} or sides {bad}; expected {SPLIT_MODES} and {SIDES}.")
-        return cls(raw["mode"], int(raw["seed"]), float(raw["test_ratio"]), float(raw["validation_ratio"]), dict(raw["assignments"]))
+        return cls(raw["mode"], int(raw["seed"]), float(raw["test_ratio"]), float(raw["validation_ratio"]), dict(raw["assignments"]),
+                   raw.get("model"))
 
 
 def _check_ratios(test_ratio: float, validation_ratio: float) -> None:
@@ -304,8 +307,13 @@ def make_split(
     test_ratio: float = 0.3,
     validation_ratio: float = 0.15,
     seed: int = 0,
+    model: str | None = None,
 ) -> SplitManifest:
-    """Split seeded and stratified: by case (grouped) or by sample (the authors' ungrouped split)."""
+    """Split seeded and stratified: by case (grouped) or by sample (the authors' ungrouped split).
+
+    ``model`` records whose perturbation records were split, so a later stage can refuse a manifest
+    of another model.
+    """
     if mode not in SPLIT_MODES:
         raise DetectionError(f"mode must be one of {SPLIT_MODES}, got {mode!r}.")
     _check_ratios(test_ratio, validation_ratio)
@@ -326,7 +334,7 @@ def make_split(
     assignments: dict[str, str] = {}
     for stratum in sorted(strata):
         assignments.update(_allocate(strata[stratum], rng, test_ratio, validation_ratio))
-    return SplitManifest(mode, seed, float(test_ratio), float(validation_ratio), assignments)
+    return SplitManifest(mode, seed, float(test_ratio), float(validation_ratio), assignments, model)
 
 
 def load_or_make_split(path: str | Path, data: DetectionData, **settings: Any) -> SplitManifest:

@@ -18,7 +18,7 @@ _INTEGER = re.compile(r"^[+-]?\d+$")
 _NONE_WORDS = {"", "none", "null"}
 _TRUE_WORDS = {"true", "yes", "1"}
 _FALSE_WORDS = {"false", "no", "0"}
-KINDS = ("int", "float", "str", "bool", "path", "int_list", "str_list")
+KINDS = ("int", "float", "str", "bool", "path", "int_list", "float_list", "str_list")
 
 
 class ParameterError(ValueError):
@@ -82,14 +82,20 @@ def _as_bool(name: str, value: Any) -> bool:
     raise ParameterError(f"Parameter {name} must be true or false, got {_describe(value)}.")
 
 
-def _as_int_list(name: str, value: Any) -> list[int]:
+def _list_items(value: Any) -> Sequence[Any]:
     if isinstance(value, str):
-        items: Sequence[Any] = [item for item in re.split(r"[,\s]+", value.strip()) if item]
-    elif isinstance(value, (list, tuple)):
-        items = value
-    else:
-        items = [value]
-    return [_as_int(f"{name}[{index}]", item) for index, item in enumerate(items)]
+        return [item for item in re.split(r"[,\s]+", value.strip()) if item]
+    if isinstance(value, (list, tuple)):
+        return value
+    return [value]
+
+
+def _as_int_list(name: str, value: Any) -> list[int]:
+    return [_as_int(f"{name}[{index}]", item) for index, item in enumerate(_list_items(value))]
+
+
+def _as_float_list(name: str, value: Any, allow_nonfinite: bool) -> list[float]:
+    return [_as_float(f"{name}[{index}]", item, allow_nonfinite) for index, item in enumerate(_list_items(value))]
 
 
 def _as_str_list(name: str, value: Any) -> list[str]:
@@ -116,7 +122,7 @@ def checked(
     """Return ``value`` converted to ``kind``, or raise :class:`ParameterError` naming ``name``.
 
     ``kind`` is one of ``int``, ``float``, ``str``, ``bool``, ``path`` (a string, returned as
-    :class:`~pathlib.Path`), ``int_list`` and ``str_list`` (a list, or a comma-separated string).
+    :class:`~pathlib.Path`), ``int_list``, ``float_list`` and ``str_list`` (a list, or a comma-separated string).
     With ``optional=True``, ``None`` and the strings ``""``, ``"none"`` and ``"null"`` give ``None``.
     """
     if kind not in KINDS:
@@ -134,6 +140,8 @@ def checked(
         result = _as_bool(name, value)
     elif kind == "int_list":
         result = _as_int_list(name, value)
+    elif kind == "float_list":
+        result = _as_float_list(name, value, allow_nonfinite)
     elif kind == "str_list":
         result = _as_str_list(name, value)
     else:
@@ -141,7 +149,7 @@ def checked(
         if kind == "path":
             result = Path(result).expanduser()
 
-    values = result if kind in ("int_list", "str_list") else [result]
+    values = result if kind in ("int_list", "float_list", "str_list") else [result]
     for item in values:
         if minimum is not None and item < minimum:
             raise ParameterError(f"Parameter {name} must be at least {minimum}, got {_describe(value)}.")

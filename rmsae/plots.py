@@ -89,8 +89,8 @@ def metrics_by_layer(frame, metrics: dict[str, str]):
     return figure
 
 
-def gap_before_after(frame):
-    """Reward gap before against after perturbation, one panel per method; flipped pairs in red."""
+def _gap_panels(frame, *, x: str, y: str, hue: str, palette: dict, diagonal: bool = False):
+    """One scatter panel per method of reward gap before (``x``) against after (``y``), with the axes at zero."""
     import seaborn as sns
 
     methods = list(dict.fromkeys(frame["method"]))
@@ -98,16 +98,22 @@ def gap_before_after(frame):
     axes = np.atleast_1d(axes)
     for axis, method in zip(axes, methods):
         subset = frame[frame["method"] == method]
-        sns.scatterplot(data=subset, x="initial_diff", y="final_diff", hue="success", palette={True: "tab:red", False: "tab:blue"},
-                        s=12, alpha=0.6, linewidth=0, ax=axis, legend=axis is axes[-1])
-        limits = [min(subset["initial_diff"].min(), subset["final_diff"].min()), max(subset["initial_diff"].max(), subset["final_diff"].max())]
-        axis.plot(limits, limits, color="grey", linewidth=0.8, linestyle=":")
+        sns.scatterplot(data=subset, x=x, y=y, hue=hue, hue_order=list(palette), palette=palette, s=12, alpha=0.6, linewidth=0,
+                        ax=axis, legend=axis is axes[-1])
+        if diagonal and len(subset):
+            limits = [min(subset[x].min(), subset[y].min()), max(subset[x].max(), subset[y].max())]
+            axis.plot(limits, limits, color="grey", linewidth=0.8, linestyle=":")
         axis.axhline(0, color="black", linewidth=0.8)
         axis.axvline(0, color="black", linewidth=0.8)
-        axis.set_title(method)
+        axis.set_title(method, fontsize="medium")
         axis.set_xlabel("reward gap before")
         axis.set_ylabel("reward gap after")
     return figure
+
+
+def gap_before_after(frame):
+    """Reward gap before against after perturbation, one panel per method; flipped pairs in red."""
+    return _gap_panels(frame, x="initial_diff", y="final_diff", hue="success", palette={True: "tab:red", False: "tab:blue"}, diagonal=True)
 
 
 def gradient_trajectories(records):
@@ -225,4 +231,74 @@ def auc_by_layer(frame, feature_types: Sequence[str] = ("sae", "raw")):
         axis.set_xticks(sorted(subset["layer"].unique()))
         axis.set_ylim(0.3, 1.02)
         axis.legend(fontsize="small")
+    return figure
+
+
+def mitigation_gaps(frame):
+    """Reward gap before against after each method, one panel per method, benign and perturbed pairs in colour."""
+    return _gap_panels(frame, x="before", y="after", hue="variant", palette={"benign": "tab:blue", "perturbed": "tab:red"})
+
+
+def recovery_bucket_bars(frame):
+    """Share of perturbed pairs in each diff-recovery bucket, one stacked bar per method."""
+    table = frame.pivot(index="method", columns="bucket", values="share")
+    table = table[list(dict.fromkeys(frame["bucket"]))].loc[list(dict.fromkeys(frame["method"]))]
+    figure, axis = _figure(width=6.5, height=0.8 + 0.45 * len(table))
+    table.plot.barh(stacked=True, ax=axis, colormap="RdYlGn", width=0.7)
+    axis.invert_yaxis()
+    axis.set_xlabel("share of perturbed test pairs")
+    axis.set_ylabel("")
+    axis.set_xlim(0, 1)
+    axis.legend(title="gap after / original gap", fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    return figure
+
+
+ABLATION_AXES = {"eta": "|η| (SAE FS, log scale)", "top_k": "K latents (SAE FS)", "rc_epochs": "epochs (SAE RC)", "beta": "β (Raw FS)"}
+
+
+def ablation_curves(frame):
+    """Benign and perturbed pair accuracy after each method against its swept setting, one panel per setting.
+
+    ``frame`` has columns ``parameter``, ``value``, ``variant`` and ``accuracy``, and optionally
+    ``run`` (one line per run, for the book's chapter).
+    """
+    import seaborn as sns
+
+    parameters = [name for name in ABLATION_AXES if name in set(frame["parameter"])]
+    figure, axes = _figure(width=3.3 * len(parameters), height=3.3, ncols=len(parameters))
+    axes = np.atleast_1d(axes)
+    for axis, parameter in zip(axes, parameters):
+        subset = frame[frame["parameter"] == parameter].copy()
+        if parameter == "eta":
+            subset["value"] = subset["value"].abs()
+            axis.set_xscale("log")
+        sns.lineplot(data=subset, x="value", y="accuracy", hue="variant", hue_order=["benign", "perturbed"],
+                     style="run" if "run" in subset else None, marker="o", ax=axis, legend=axis is axes[-1], errorbar=None)
+        axis.set_xlabel(ABLATION_AXES[parameter])
+        axis.set_ylabel("pair accuracy after")
+        axis.set_ylim(-0.02, 1.02)
+    if len(axes) and axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    return figure
+
+
+def mitigation_by_layer(frame):
+    """Perturbed (solid) and benign (dashed) pair accuracy after each method against layer, one panel per model."""
+    models = list(dict.fromkeys(frame["model"]))
+    methods = list(dict.fromkeys(frame["method"]))
+    colours = dict(zip(methods, [f"C{index}" for index in range(len(methods))]))
+    figure, axes = _figure(width=4.0 * len(models), height=3.6, ncols=len(models))
+    axes = np.atleast_1d(axes)
+    for axis, model in zip(axes, models):
+        subset = frame[frame["model"] == model].sort_values("layer")
+        for method in methods:
+            rows = subset[subset["method"] == method]
+            axis.plot(rows["layer"], rows["perturbed_accuracy_after"], marker="o", color=colours[method], label=method)
+            axis.plot(rows["layer"], rows["benign_accuracy_after"], marker="x", linestyle="--", color=colours[method])
+        axis.set_title(model)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("pair accuracy after (solid: perturbed, dashed: benign)", fontsize="small")
+        axis.set_xticks(sorted(subset["layer"].unique()))
+        axis.set_ylim(-0.02, 1.02)
+    axes[-1].legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
     return figure

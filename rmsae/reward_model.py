@@ -137,6 +137,8 @@ class RewardModel:
         self.autocast_dtype = autocast_dtype
         self.blocks = find_blocks(model)
         self._interventions: list[str] = []
+        # Token masks of the batch being scored, for block edits that act on some tokens only (steering).
+        self.token_masks: dict[str, torch.Tensor] | None = None
         if spec.readout == "last_token":
             self._trunk, self._head = _trunk_and_head(model, spec)
             _check_head_width(self._head, spec.tag)
@@ -249,11 +251,15 @@ class RewardModel:
 
             return edit
 
-        with contextlib.ExitStack() as stack:
-            for layer in sorted(set(layers) | set(saes_by_layer)):
-                stack.enter_context(edit_block_output(self.model, layer, pool_into(layer)))
-            with self._autocast():
-                rewards = self.differentiable_rewards(input_ids, attention_mask, position_ids)
+        self.token_masks = {"all": attention_mask.bool(), "response": response_mask.to(device)}
+        try:
+            with contextlib.ExitStack() as stack:
+                for layer in sorted(set(layers) | set(saes_by_layer)):
+                    stack.enter_context(edit_block_output(self.model, layer, pool_into(layer)))
+                with self._autocast():
+                    rewards = self.differentiable_rewards(input_ids, attention_mask, position_ids)
+        finally:
+            self.token_masks = None
         return rewards.float().cpu(), pooled, sae_codes
 
     def differentiable_rewards(

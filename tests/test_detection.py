@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,3 +318,61 @@ def test_too_few_cases_for_a_detector_or_transfer():
     assert np.isnan(matrix["backdoor"]["backdoor"])
     with pytest.raises(DetectionError, match="no 'raw' features"):
         run_detection(data, manifest, feature_types=["raw"])
+
+
+def test_detection_notebook_runs_on_records(tmp_path, tiny_models):
+    """notebooks/detection.py, executed with papermill on a tiny RM, its SAE and records in the authors' schema."""
+    import jupytext
+    import nbformat
+    import papermill
+
+    from rmsae.perturb import make_record, pair_rewards
+
+    model_path = str(tiny_models["llama"])
+    tag = load_reward_model(model_path).spec.tag
+    sae_folder = save_gated_sae(tmp_path / "tiny_layer1", metadata={"hook_name": "model.layers.1"})
+    model_dir = tmp_path / "runs" / "tiny"
+    (model_dir / "layer1").mkdir(parents=True)
+    for method, edit in (("backdoor", with_trigger), ("inject", lambda p: PreferencePair(p.prompt, p.chosen + " I am unsure.", p.rejected))):
+        lines = []
+        for index in range(16):
+            original = PreferencePair((Turn("user", f"Question number {index} about {method}?"),), f"Answer {index}.", "No.")
+            # Rewards as generation wrote them: every third case did not flip.
+            final = pair_rewards(0.5, 0.2) if index % 3 == 0 else pair_rewards(-0.5, 0.2)
+            lines.append(json.dumps(make_record(original, edit(original), pair_rewards(1.0, 0.0), final, [], method,
+                                                model=tag, max_length=512, settings={})))
+        (model_dir / f"perturbations_{method}.jsonl").write_text("\n".join(lines) + "\n")
+
+    source = tmp_path / "detection.ipynb"
+    nbformat.write(jupytext.read(Path(__file__).resolve().parents[1] / "notebooks" / "detection.py"), source)
+    results_path = model_dir / "layer1" / "detection.json"
+    parameters = {"model_name": "tiny", "model_tag": model_path, "layer": 1, "sae": str(sae_folder), "results_path": str(results_path),
+                  "hidden_dims": "16", "max_epochs": 5, "bootstrap_samples": 20, "batch_size": 4}
+    papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), parameters=parameters, kernel_name="python3",
+                               progress_bar=False, cwd=str(tmp_path))
+    results = json.loads(results_path.read_text())
+    assert results["cases"] == 2 * 16 - 2 * 6 and results["samples"] == 2 * results["cases"]
+    assert set(results["sae_per_type"]) == {"backdoor", "prompt_injection"}
+    assert 0.0 <= results["sae_roc_auc"] <= 1.0 and 0.0 <= results["raw_roc_auc"] <= 1.0
+    manifest = SplitManifest.load(results_path.with_name("detection_split.json"))
+    assert len(manifest.assignments) == results["cases"]
+    probabilities = (results_path.with_name("detection_probabilities.csv")).read_text().splitlines()
+    assert len(probabilities) == 1 + 2 * results["sae_n"]
+
+    # The mitigation notebook fits its methods on the same split and evaluates them on its test cases.
+    source = tmp_path / "mitigation.ipynb"
+    nbformat.write(jupytext.read(Path(__file__).resolve().parents[1] / "notebooks" / "mitigation.py"), source)
+    parameters.update(results_path=str(model_dir / "layer1" / "mitigation.json"), top_k=20, top_k_sweep="5,20", eta_sweep="-0.001,-1",
+                      rc_epochs=5, rc_epochs_sweep="5", beta_sweep="5")
+    papermill.execute_notebook(str(source), str(tmp_path / "out_mitigation.ipynb"), parameters=parameters, kernel_name="python3",
+                               progress_bar=False, cwd=str(tmp_path))
+    mitigation = json.loads((model_dir / "layer1" / "mitigation.json").read_text())
+    assert mitigation["cases"] == {side: list(manifest.assignments.values()).count(side) for side in ("train", "validation", "test")}
+    assert set(mitigation["methods"]) == {"SAE FS, η = 1 (control)", "SAE FS, η = -0.001", "SAE FS, η = -0.001, error_preserving",
+                                          "SAE RC", "Raw FS, β = 5"}
+    control = mitigation["methods"]["SAE FS, η = 1 (control)"]["overall"]
+    assert control["cases"] == mitigation["cases"]["test"] and 0.0 <= control["perturbed_accuracy_after"] <= 1.0
+    assert {(row["parameter"], row["value"]) for row in mitigation["ablations"]} == {
+        ("eta", -0.001), ("eta", -1.0), ("top_k", 5), ("top_k", 20), ("rc_epochs", 5), ("beta", 5.0)}
+    for name in ("sae_feature_steering", "raw_feature_steering", "residual_correction"):
+        assert (model_dir / "layer1" / f"{name}.safetensors").is_file()

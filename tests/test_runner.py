@@ -426,8 +426,8 @@ def test_repository_matrix_profiles():
     matrix = load_matrix(REPO / "experiments.yml")
     demo = plan_runs(matrix, "demo")
     paper = plan_runs(matrix, "paper")
-    assert len(demo) == 2 + 1 + 8 + 1 + 2 + 1 + 8 + 1
-    assert len(paper) == 4 + 1 + 16 + 1 + 4 + 1 + 16 + 1
+    assert len(demo) == 2 + 1 + 8 + 1 + 2 + 1 + 8 + 1 + 8 + 1
+    assert len(paper) == 4 + 1 + 16 + 1 + 4 + 1 + 16 + 1 + 16 + 1
     sae_runs = [run for run in paper if run.stage.name == "sae" and not run.is_page]
     assert {(run.model.name, run.layer) for run in sae_runs} == {
         (tag, layer) for tag in ("beaver-2-7b", "llama-7b-poisoned", "llama-3-8b", "qwen-3-4b") for layer in (4, 12, 20, 28)
