@@ -39,6 +39,7 @@ test: install
 
 benchmark: install
 	$(VENV)/bin/python benchmarks/bench_scoring.py
+	$(VENV)/bin/python benchmarks/bench_steering.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache _build runs

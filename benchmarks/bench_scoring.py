@@ -52,7 +52,7 @@ def run_method(method: str, pairs: int, max_length: int, batch_size: int, out_pa
             encoded = {side: rm.encode(rm.render(pair.conversation(side))) for side in ("chosen", "rejected")}
             pair_length = max(len(item) for item in encoded.values()) if method == "authors_loop" else None
             for side, sink in (("chosen", rewards_chosen), ("rejected", rewards_rejected)):
-                rewards, _ = rm.forward_encoded([encoded[side]], pad_to=pair_length)
+                rewards, *_ = rm.forward_encoded([encoded[side]], pad_to=pair_length)
                 sink.append(float(rewards[0]))
         chosen, rejected = np.array(rewards_chosen), np.array(rewards_rejected)
     else:

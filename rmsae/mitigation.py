@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -291,7 +292,9 @@ def rank_latents(perturbed_codes: np.ndarray, benign_codes: np.ndarray, method: 
     if method == "ttest":
         from scipy.stats import ttest_ind
 
-        with np.errstate(invalid="ignore", divide="ignore"):
+        # Latents that never fire give constant samples and a NaN p-value, read as 1 (no evidence).
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             p_values = np.nan_to_num(ttest_ind(perturbed_codes, benign_codes, axis=0).pvalue, nan=1.0)
         return np.where(difference > 0, difference / (p_values + 1e-10), -np.inf)
     if method == "effect_size":
