@@ -4,8 +4,8 @@ Scores HH-RLHF harmless-base test pairs with the MiniLM encoder and a fresh rewa
 randomly initialised Gated SAE of width 1536 on block 2 (the figures measure throughput, not what
 the steering does). Steering needs full forwards: a partial forward from block L would need every
 token's block-L input, and the activation cache keeps pooled vectors only. Prints pairs per second
-for each way of scoring and its ratio to unsteered batched scoring; "pairwise" scores each pair as
-its own batch of two, as the authors' steering scripts do.
+for each way of scoring and its time relative to unsteered batched scoring. The "pairwise" way
+scores each pair as its own batch of two, as the authors' steering scripts do.
 
 Usage: python benchmarks/bench_steering.py [--pairs 128] [--max-length 128] [--batch-size 32]
 """

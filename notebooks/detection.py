@@ -19,8 +19,9 @@
 # (label 1). A sample's input is `|f(chosen) - f(rejected)|`, where `f` is the mean-pooled SAE code
 # (**sae** features) or the mean-pooled hidden state (**raw** features) of each side.
 #
-# The detector is the paper's MLP (one hidden layer of 128, batch normalisation, dropout 0.3), with
-# early stopping on a validation split and the best epoch's weights kept. A logistic regression on
+# The detector is the MLP of Liu et al. (arXiv 2605.16339): one hidden layer of 128, batch
+# normalisation and dropout 0.3. Early stopping watches a validation split, and the best epoch's
+# weights are kept. A logistic regression on
 # the same inputs is the linear baseline. Cases are split into training, validation and test sides
 # by case id, so a case's original and perturbed pairs never sit on two sides.
 

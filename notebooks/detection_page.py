@@ -13,7 +13,7 @@
 # %% [markdown]
 # # Detection
 #
-# The paper's first claim: pooled SAE features separate perturbed preference pairs from the benign
+# The first claim of Liu et al. (arXiv 2605.16339): pooled SAE features separate perturbed preference pairs from the benign
 # originals, better than the raw hidden states they are computed from. Each row below is one reward
 # model and layer; the detector and its inputs are described in the sections after this page, one
 # per model and layer, with ROC curves, per-type results and the transfer between perturbation types.

@@ -18,8 +18,8 @@
 # its test cases:
 #
 # - **SAE Feature Steering (SAE FS)**: the `top_k` SAE latents that fire most above their benign
-#   level on perturbed texts are scaled by η inside block `layer`. In `replace` mode (the paper's)
-#   the block output becomes the SAE reconstruction, so the η = 1 row, which only splices the SAE in,
+#   level on perturbed texts are scaled by η inside block `layer`. In `replace` mode (as Liu et al.,
+#   arXiv 2605.16339, steer) the block output becomes the SAE reconstruction, so the η = 1 row, which only splices the SAE in,
 #   is the control to compare with. `error_preserving` keeps the SAE's reconstruction error.
 # - **SAE Residual Correction (SAE RC)**: a linear head on pooled SAE codes adds a correction to
 #   each reward; it needs no new forward pass.

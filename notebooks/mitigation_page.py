@@ -13,7 +13,7 @@
 # %% [markdown]
 # # Mitigation
 #
-# The paper's second claim: with the reward model's weights untouched, SAE-based interventions
+# The second claim of Liu et al. (arXiv 2605.16339): with the reward model's weights untouched, SAE-based interventions
 # restore correct preferences on perturbed pairs while benign pairs keep their ranking. Each row
 # below is one method on the test cases of one reward model and layer. The sections after this page
 # are the executed notebooks, with pair-by-pair gaps, diff recovery and the ablations of each run.

@@ -3,7 +3,7 @@
 A sample is one pair, original (label 0) or perturbed (label 1), and its input is
 ``|f(chosen) - f(rejected)|`` of pooled features at layer L: the pooled SAE code (``sae``) or the
 pooled hidden state (``raw``). The split is by case id, so a case's original and perturbed pairs
-never sit on two sides; the authors' split by sample stays available as ``mode="ungrouped"``.
+never sit on two sides. The authors' split by sample stays available as ``mode="ungrouped"``.
 """
 
 from __future__ import annotations
@@ -340,18 +340,18 @@ def make_split(
 def load_or_make_split(path: str | Path, data: DetectionData, **settings: Any) -> SplitManifest:
     """Reuse the manifest at ``path`` when it has these settings and covers exactly these samples, else write a new one."""
     path = Path(path)
-    wanted = make_split(data, **settings)
+    fresh = make_split(data, **settings)
     if path.is_file():
         try:
             saved = SplitManifest.load(path)
         except DetectionError as error:
             logger.warning("%s Writing a new split.", error)
         else:
-            if saved.settings() == wanted.settings() and saved.covers(data):
+            if saved.settings() == fresh.settings() and saved.covers(data):
                 return saved
-            logger.warning("The split manifest %s has other settings or samples; writing a new one.", path)
-    wanted.save(path)
-    return wanted
+            logger.warning("The split manifest %s has other settings or samples, so a new one replaces it.", path)
+    fresh.save(path)
+    return fresh
 
 
 # ---------------------------------------------------------------------------------------------

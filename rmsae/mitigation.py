@@ -1,7 +1,7 @@
 """Mitigation: SAE Feature Steering, SAE Residual Correction and Raw Feature Steering.
 
 None of the three changes the reward model's weights. Steering edits block L's output during the
-forward pass (:func:`steer`); Residual Correction adds a learned linear function of the pooled SAE
+forward pass (:func:`steer`). Residual Correction adds a learned linear function of the pooled SAE
 codes to the reward and needs no new forward. Each method is fitted on the training cases of the
 detection stage's split manifest, saved (safetensors plus a JSON of its settings), and evaluated on
 the manifest's test cases, benign and perturbed pairs, before and after.
@@ -317,11 +317,12 @@ def select_latents(scores: np.ndarray, top_k: int, *, positive_only: bool = True
     return order
 
 
-def text_codes(features: PairFeatures, which: str) -> np.ndarray:
-    """Stack the chosen and rejected texts' pooled ``which`` (``sae`` or ``raw``) features: the authors pool both sides together."""
-    chosen, rejected = getattr(features, f"{which}_chosen"), getattr(features, f"{which}_rejected")
+def text_codes(features: PairFeatures, feature_type: str) -> np.ndarray:
+    """Stack the chosen and rejected texts' pooled ``sae`` or ``raw`` features, because the authors pool both sides together."""
+    chosen, rejected = getattr(features, f"{feature_type}_chosen"), getattr(features, f"{feature_type}_rejected")
     if chosen is None:
-        raise MitigationError(f"These pair features hold no {which!r} features; score them with {'an SAE' if which == 'sae' else 'raw=True'}.")
+        remedy = "an SAE" if feature_type == "sae" else "raw=True"
+        raise MitigationError(f"These pair features contain no {feature_type!r} features; score the pairs with {remedy}.")
     return np.concatenate([chosen, rejected])
 
 
