@@ -149,11 +149,11 @@ def fit_correction(epochs):
     return correction.fit(CorrectionData.from_features(train["benign"], train["perturbed"]), validation_data)
 
 
-fit_correction(rc_epochs).save(run_dir / "residual_correction", fitted_on)
+fit_correction(rc_epochs).save(run_dir / "residual_correction", fitted_on, sae=loaded)
 
 steering = SAEFeatureSteering.load(run_dir / "sae_feature_steering", loaded)
 raw_steering = RawFeatureSteering.load(run_dir / "raw_feature_steering")
-correction = ResidualCorrection.load(run_dir / "residual_correction")
+correction = ResidualCorrection.load(run_dir / "residual_correction", sae=loaded)
 glue("steered_latents", len(latents), display=False)
 print(f"{len(latents)} latents selected (of {loaded.d_sae}); steering direction norm {float(raw_steering.direction.norm()):.3f}; "
       f"Residual Correction kept epoch {correction.best_epoch_} of {rc_epochs}.")

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -52,6 +53,15 @@ class DetectionData:
     variants: np.ndarray
     labels: np.ndarray
     features: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        for name in ("case_ids", "attack_types", "variants"):
+            if len(getattr(self, name)) != n:
+                raise DetectionError(f"DetectionData.{name} has {len(getattr(self, name))} entries, but there are {n} labels.")
+        for name, values in self.features.items():
+            if np.ndim(values) != 2 or len(values) != n:
+                raise DetectionError(f"DetectionData.features[{name!r}] must have shape ({n}, width), got {np.shape(values)}.")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -103,8 +113,8 @@ def detection_samples(
     ``successfully_attacked`` (the paper's detector): each attacked case gives its original pair
     (label 0) and its perturbed pair (label 1). ``initial_classification`` (the authors' secondary
     experiment): each distinct original pair, labelled 1 when the stored initial reward gap is at
-    most τ, that is, when the RM ranks it wrongly; with ``balance`` the larger class is subsampled at
-    random (seeded) to the size of the smaller one. ``model``, when given, must match the model
+    most τ (with τ = 0: when the RM ranks it wrongly). With ``balance`` the larger class is
+    subsampled at random (seeded) to the size of the smaller one. ``model``, when given, must match the model
     recorded in the records.
     """
     if case_type not in CASE_TYPES:
@@ -140,8 +150,10 @@ def detection_samples(
 
     originals: dict[str, PerturbationRecord] = {}
     for record in records:
-        if record.initial_rewards is not None:
+        if record.initial_rewards is not None and math.isfinite(record.initial_rewards["diff"]):
             originals.setdefault(record.case_id, record)
+    if not originals:
+        raise DetectionError(f"None of the {len(records)} records has a finite initial reward gap, so no original pair can be labelled.")
     for case_id, record in originals.items():
         label = int(record.initial_rewards["diff"] <= reward_threshold)
         samples.append((case_id, "original", "original", label, record.original))
@@ -175,15 +187,15 @@ def build_detection_data(
     Features come from :meth:`RewardModel.score_pairs`, so with ``cache`` each text runs through the
     RM once across stages. ``sae`` is required for the ``sae`` feature type.
     """
-    feature_types = list(dict.fromkeys(feature_types))
+    feature_types = [feature_types] if isinstance(feature_types, str) else list(dict.fromkeys(feature_types))
     unknown = [name for name in feature_types if name not in FEATURE_TYPES]
     if unknown or not feature_types:
         raise DetectionError(f"feature_types must be some of {FEATURE_TYPES}, got {list(feature_types)!r}.")
     if "sae" in feature_types:
         if sae is None:
             raise DetectionError("Feature type 'sae' needs an SAE; pass sae= (or use feature_types=['raw']).")
-        if sae.info.layer is not None and sae.info.layer != layer:
-            raise DetectionError(f"The SAE reads layer {sae.info.layer}, but detection runs at layer {layer}.")
+        if sae.layer != layer:
+            raise DetectionError(f"The SAE reads layer {sae.layer}, but detection runs at layer {layer}; load the SAE of layer {layer}.")
     samples = detection_samples(
         records, case_type=case_type, reward_threshold=reward_threshold, balance=balance, seed=seed, model=reward_model.spec.tag
     )
@@ -272,13 +284,22 @@ class SplitManifest:
             raise FileNotFoundError(f"The split manifest {path} does not exist; the detection stage writes it.") from None
         except json.JSONDecodeError as error:
             raise DetectionError(f"The split manifest {path} is not valid JSON ({error}); delete it and rerun detection.") from None
+        if not isinstance(raw, dict):
+            raise DetectionError(f"The split manifest {path} must contain a JSON object, got {type(raw).__name__}; delete it and rerun detection.")
         missing = [key for key in ("mode", "seed", "test_ratio", "validation_ratio", "assignments") if key not in raw]
         if missing:
             raise DetectionError(f"The split manifest {path} lacks {', '.join(missing)}; delete it and rerun detection.")
-        bad = sorted({side for side in raw["assignments"].values() if side not in SIDES})
+        assignments = raw["assignments"]
+        numbers_ok = all(isinstance(raw[key], (int, float)) and not isinstance(raw[key], bool) for key in ("seed", "test_ratio", "validation_ratio"))
+        if not isinstance(assignments, dict) or not numbers_ok or not isinstance(raw.get("model"), (str, type(None))):
+            raise DetectionError(
+                f"The split manifest {path} is malformed (assignments must be an object, seed and ratios numbers, model text); "
+                "delete it and rerun detection."
+            )
+        bad = sorted({str(side) for side in assignments.values() if side not in SIDES})
         if raw["mode"] not in SPLIT_MODES or bad:
             raise DetectionError(f"The split manifest {path} has mode {raw['mode']!r} or sides {bad}; expected {SPLIT_MODES} and {SIDES}.")
-        return cls(raw["mode"], int(raw["seed"]), float(raw["test_ratio"]), float(raw["validation_ratio"]), dict(raw["assignments"]),
+        return cls(raw["mode"], int(raw["seed"]), float(raw["test_ratio"]), float(raw["validation_ratio"]), dict(assignments),
                    raw.get("model"))
 
 
@@ -423,25 +444,31 @@ class MLPDetector(ClassifierMixin, BaseEstimator):
         self.device = device
 
     def _check_settings(self) -> None:
-        for name in ("batch_size", "max_epochs", "patience", "lr_patience"):
+        for name, minimum in (("batch_size", 2), ("max_epochs", 1), ("patience", 1), ("lr_patience", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DetectionError(f"{name} must be a positive integer, got {value!r}.")
-        dims = list(self.hidden_dims)
-        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
-            raise DetectionError(f"hidden_dims must be positive integers, got {self.hidden_dims!r}.")
-        if not 0 <= self.dropout < 1:
-            raise DetectionError(f"dropout must be in [0, 1), got {self.dropout!r}.")
-        if not self.learning_rate > 0 or not 0 < self.lr_factor < 1:
-            raise DetectionError(f"learning_rate must be > 0 and lr_factor in (0, 1), got {self.learning_rate!r}, {self.lr_factor!r}.")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                # Batch normalisation needs at least two samples per training batch.
+                raise DetectionError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
+        dims = [self.hidden_dims] if isinstance(self.hidden_dims, numbers.Integral) else self.hidden_dims
+        if (isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__") or not list(dims)
+                or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dims)):
+            raise DetectionError(f"hidden_dims must be a list of positive integers such as [128], got {self.hidden_dims!r}.")
+        for name, value, low, high in (("dropout", self.dropout, 0.0, 1.0), ("lr_factor", self.lr_factor, 0.0, 1.0),
+                                       ("validation_fraction", self.validation_fraction, 0.0, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value < high or (name != "dropout" and value == 0):
+                raise DetectionError(f"{name} must be a number in {'[' if name == 'dropout' else '('}{low}, {high}), got {value!r}.")
+        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, numbers.Real) or not self.learning_rate > 0:
+            raise DetectionError(f"learning_rate must be a number > 0, got {self.learning_rate!r}.")
         if self.monitor not in ("validation", "training"):
             raise DetectionError(f"monitor must be 'validation' or 'training', got {self.monitor!r}.")
 
     def _build(self, n_features: int) -> torch.nn.Module:
         layers: list[torch.nn.Module] = []
         width = n_features
-        for hidden in self.hidden_dims:
-            layers += [torch.nn.Linear(width, hidden), torch.nn.BatchNorm1d(hidden), torch.nn.ReLU(), torch.nn.Dropout(self.dropout)]
+        dims = [self.hidden_dims] if isinstance(self.hidden_dims, numbers.Integral) else self.hidden_dims
+        for hidden in dims:
+            hidden = int(hidden)
+            layers += [torch.nn.Linear(width, hidden), torch.nn.BatchNorm1d(hidden), torch.nn.ReLU(), torch.nn.Dropout(float(self.dropout))]
             width = hidden
         layers.append(torch.nn.Linear(width, 1))
         return torch.nn.Sequential(*layers)
@@ -467,9 +494,13 @@ class MLPDetector(ClassifierMixin, BaseEstimator):
         if validation is None and self.monitor == "validation":
             from sklearn.model_selection import train_test_split
 
-            if min(np.bincount(y)) < 2:
-                raise DetectionError("Holding out a validation set needs at least two samples of each label; pass validation=.")
-            X, X_val, y, y_val = train_test_split(X, y, test_size=self.validation_fraction, stratify=y, random_state=self.seed)
+            n_held_out = math.ceil(self.validation_fraction * len(y))
+            if min(np.bincount(y)) < 2 or n_held_out < 2 or len(y) - n_held_out < 2:
+                raise DetectionError(
+                    f"Holding out {self.validation_fraction:.0%} of {len(y)} samples for validation leaves too few on one side; "
+                    "pass validation=(X_val, y_val), or use more cases."
+                )
+            X, X_val, y, y_val = train_test_split(X, y, test_size=n_held_out, stratify=y, random_state=self.seed)
         elif validation is not None:
             X_val = _check_features(validation[0], "X_val")
             y_val = np.asarray(validation[1]).astype(np.int64)
@@ -483,7 +514,13 @@ class MLPDetector(ClassifierMixin, BaseEstimator):
         if len(X) < 2:
             raise DetectionError(f"A detector needs at least two training samples, got {len(X)}.")
 
-        torch.manual_seed(self.seed)
+        # Seed initial weights and dropout without changing the caller's global random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self._train(X, y, X_val, y_val)
+        return self
+
+    def _train(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> None:
         generator = torch.Generator().manual_seed(self.seed)
         device = torch.device(self.device)
         self.n_features_in_ = X.shape[1]
@@ -525,7 +562,6 @@ class MLPDetector(ClassifierMixin, BaseEstimator):
         if self.restore_best and best_state is not None:
             self.model_.load_state_dict(best_state)
         self.model_.eval()
-        return self
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Return the logit of "perturbed" per sample."""
@@ -562,20 +598,33 @@ def logistic_baseline(seed: int = 0):
 METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
 
 
-def _metric_rows(weights: np.ndarray, y: np.ndarray, predicted: np.ndarray, comparison: np.ndarray) -> dict[str, np.ndarray]:
-    """Each metric for each row of sample weights (one row per bootstrap resample)."""
+def _metric_rows(
+    weights: np.ndarray, y: np.ndarray, predicted: np.ndarray, comparison: np.ndarray, within: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Each metric for each row of sample weights (one row per bootstrap resample).
+
+    ``within`` = (group weights, per-group sums of ``comparison`` and of positive × negative counts):
+    a group drawn k times counts its own positive-negative comparisons k times rather than k², so
+    that they keep the share they have in the point estimate.
+    """
     tp = weights @ ((predicted == 1) & (y == 1))
     fp = weights @ ((predicted == 1) & (y == 0))
     fn = weights @ ((predicted == 0) & (y == 1))
     total = weights.sum(axis=1)
     correct = weights @ (predicted == y)
+    positive, negative = weights[:, y == 1], weights[:, y == 0]
+    concordant = np.einsum("rp,pn,rn->r", positive, comparison, negative)
+    pair_mass = positive.sum(axis=1) * negative.sum(axis=1)
+    if within is not None:
+        group_weights, (group_concordant, group_pairs) = within
+        excess = group_weights**2 - group_weights
+        concordant = concordant - excess @ group_concordant
+        pair_mass = pair_mass - excess @ group_pairs
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
         recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-        positive, negative = weights[:, y == 1], weights[:, y == 0]
-        pair_mass = positive.sum(axis=1) * negative.sum(axis=1)
-        auc = np.where(pair_mass > 0, np.einsum("rp,pn,rn->r", positive, comparison, negative) / pair_mass, np.nan)
+        auc = np.where(pair_mass > 0, concordant / pair_mass, np.nan)
     return {"accuracy": correct / total, "precision": precision, "recall": recall, "f1": f1, "roc_auc": auc}
 
 
@@ -595,22 +644,44 @@ def detection_metrics(
     not independent. ``roc_auc`` is NaN when only one label is present. Also returns the confusion
     matrix ``[[tn, fp], [fn, tp]]`` and the sample count.
     """
-    y = np.asarray(y_true).astype(np.int64)
+    y = np.asarray(y_true)
     p = np.asarray(probabilities, dtype=np.float64)
     if y.ndim != 1 or p.shape != y.shape or len(y) == 0:
         raise DetectionError(f"y_true and probabilities must be 1-D and of the same non-zero length, got {y.shape} and {p.shape}.")
+    if not np.isin(y, (0, 1)).all():
+        raise DetectionError(f"y_true must hold labels 0 (benign) and 1 (perturbed), got {sorted(set(y.tolist()))[:5]}.")
+    if not np.isfinite(p).all():
+        raise DetectionError("probabilities contain NaN or infinite values; check the detector's output.")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral) or n_resamples < 1:
+        raise DetectionError(f"n_resamples must be a positive integer, got {n_resamples!r}.")
+    if not 0 < level < 1:
+        raise DetectionError(f"level must be between 0 and 1, got {level!r}.")
+    y = y.astype(np.int64)
     predicted = (p > threshold).astype(np.int64)
     positive, negative = p[y == 1], p[y == 0]
     comparison = (positive[:, None] > negative[None, :]) + 0.5 * (positive[:, None] == negative[None, :])
 
     point = {name: float(values[0]) for name, values in _metric_rows(np.ones((1, len(y))), y, predicted, comparison).items()}
     rng = np.random.default_rng(seed)
-    group_index = np.unique(np.asarray(groups), return_inverse=True)[1] if groups is not None else np.arange(len(y))
-    n_groups = group_index.max() + 1
+    within = None
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != y.shape:
+            raise DetectionError(f"groups must name the case of each sample ({len(y)}), got shape {groups.shape}.")
+        group_index = np.unique(groups, return_inverse=True)[1]
+        n_groups = int(group_index.max()) + 1
+        same = group_index[y == 1][:, None] == group_index[y == 0][None, :]
+        group_of_pair = np.broadcast_to(group_index[y == 1][:, None], same.shape)[same]
+        group_sums = (np.bincount(group_of_pair, weights=comparison[same], minlength=n_groups),
+                      np.bincount(group_of_pair, minlength=n_groups).astype(float))
+    else:
+        group_index, n_groups = np.arange(len(y)), len(y)
     drawn = rng.integers(0, n_groups, size=(n_resamples, n_groups))
     counts = np.zeros((n_resamples, n_groups))
     np.add.at(counts, (np.repeat(np.arange(n_resamples), n_groups), drawn.ravel()), 1.0)
-    resampled = _metric_rows(counts[:, group_index], y, predicted, comparison)
+    if groups is not None:
+        within = (counts, group_sums)
+    resampled = _metric_rows(counts[:, group_index], y, predicted, comparison, within)
     tail = (1 - level) / 2 * 100
     result: dict[str, Any] = {"n": int(len(y))}
     for name in METRICS:
@@ -662,7 +733,7 @@ def fit_detector(
         return logistic_baseline(manifest.seed).fit(X[both], y[both])
     if kind != "mlp":
         raise DetectionError(f"kind must be 'mlp' or 'logistic', got {kind!r}.")
-    detector = MLPDetector(seed=manifest.seed, **dict(detector_params or {}))
+    detector = MLPDetector(**{"seed": manifest.seed, **dict(detector_params or {})})
     has_validation = set(y[validation].tolist()) == {0, 1}
     if detector.monitor == "validation" and not has_validation:
         logger.warning("The validation side lacks a label; the detector holds out part of the training side instead.")

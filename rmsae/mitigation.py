@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from .analysis import bootstrap_ci
 from .data import PerturbationRecord, PreferencePair
-from .detection import SplitManifest, attacked
+from .detection import DetectionError, SplitManifest, attacked, detection_samples
 from .hooks import edit_block_output
 from .storage import atomic_write_bytes, atomic_write_json
 
@@ -76,6 +77,10 @@ def split_cases(
 
     The manifest must be a grouped one (by case) made for ``model``'s records.
     """
+    try:  # the same checks of the threshold and of the records' model as in detection
+        detection_samples(records, reward_threshold=reward_threshold, model=model)
+    except DetectionError as error:
+        raise MitigationError(str(error)) from None
     if manifest.mode != "grouped":
         raise MitigationError(f"Mitigation needs a split by case; this manifest splits by {manifest.mode!r} samples.")
     if model is not None and manifest.model is not None and manifest.model != model:
@@ -123,8 +128,15 @@ class PairFeatures:
 
 
 def pair_features(reward_model, pairs: Sequence[PreferencePair], *, layer: int, sae=None, raw: bool = True, **scoring: Any) -> PairFeatures:
-    """Score pairs once (through the activation cache when ``cache=`` is given) with pooled codes and hidden states."""
-    scores = reward_model.score_pairs(pairs, layers=[layer] if raw else [], saes=[sae] if sae is not None else [], **scoring)
+    """Score pairs once (through the activation cache when ``cache=`` is given) with mean-pooled codes and hidden states.
+
+    Other keyword arguments (``batch_size``, ``cache``, ``progress``) go to :meth:`RewardModel.score_pairs`.
+    """
+    if sae is not None and sae.layer != layer:
+        raise MitigationError(f"The SAE reads layer {sae.layer}, but the features are requested at layer {layer}; load the SAE of layer {layer}.")
+    if "poolings" in scoring or "layers" in scoring or "saes" in scoring:
+        raise MitigationError("pair_features sets layers, saes and poolings itself (mean pooling); pass layer= and sae= instead.")
+    scores = reward_model.score_pairs(pairs, layers=[layer] if raw else [], saes=[sae] if sae is not None else [], poolings=["mean"], **scoring)
     features = PairFeatures(scores.reward_chosen, scores.reward_rejected)
     if sae is not None:
         features.sae_chosen, features.sae_rejected = scores.chosen.codes(sae), scores.rejected.codes(sae)
@@ -161,13 +173,19 @@ class SAEFeatureSteering:
     token_scope: str = "all"
 
     def __post_init__(self) -> None:
-        self.latents = torch.as_tensor(self.latents, dtype=torch.long).flatten()
+        latents = torch.as_tensor(np.asarray(self.latents))
+        if latents.dtype == torch.bool or latents.is_floating_point() or latents.is_complex():
+            raise MitigationError(
+                f"latents must be integer latent indices, got a {latents.dtype} array; for a boolean mask pass mask.nonzero()[0]."
+            )
+        self.latents = latents.to(torch.long).flatten()
         if self.mode not in STEERING_MODES:
             raise MitigationError(f"mode must be one of {STEERING_MODES}, got {self.mode!r}.")
         if self.token_scope not in TOKEN_SCOPES:
             raise MitigationError(f"token_scope must be one of {TOKEN_SCOPES}, got {self.token_scope!r}.")
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta):
+        if isinstance(self.eta, bool) or not isinstance(self.eta, numbers.Real) or not math.isfinite(self.eta):
             raise MitigationError(f"eta must be a finite number, got {self.eta!r}.")
+        self.eta = float(self.eta)
         if len(self.latents) and (int(self.latents.min()) < 0 or int(self.latents.max()) >= self.sae.d_sae):
             raise MitigationError(f"Latent indices must lie in 0..{self.sae.d_sae - 1}, got {self.latents.min()}..{self.latents.max()}.")
 
@@ -199,6 +217,8 @@ class SAEFeatureSteering:
 
     @torch.no_grad()
     def edit(self, reward_model, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[-1] != self.sae.info.d_in:
+            raise MitigationError(f"The SAE {self.sae.info.path} reads width {self.sae.info.d_in}, but block {self.layer} outputs {hidden.shape[-1]}.")
         mask = _scope_mask(reward_model, self.token_scope, hidden)
         sae = self.sae.sae
         with torch.autocast(hidden.device.type, enabled=False):
@@ -208,8 +228,8 @@ class SAEFeatureSteering:
             steered = torch.where(mask[..., None], codes * scale, codes)
             if self.mode == "replace":
                 return sae.decode(steered).to(hidden.dtype)
-            # The change of the reconstruction alone, so that eta = 1 adds exactly zero.
-            return (hidden.to(sae.dtype) + (sae.decode(steered) - sae.decode(codes))).to(hidden.dtype)
+            # Only the change of the reconstruction is added, in the block's dtype, so that eta = 1 adds exactly zero.
+            return hidden + (sae.decode(steered) - sae.decode(codes)).to(hidden.dtype)
 
 
 @dataclass
@@ -222,11 +242,15 @@ class RawFeatureSteering:
     token_scope: str = "all"
 
     def __post_init__(self) -> None:
-        self.direction = torch.as_tensor(self.direction, dtype=torch.float32).flatten()
+        self.direction = torch.as_tensor(np.asarray(self.direction), dtype=torch.float32).flatten()
+        if not len(self.direction) or not torch.isfinite(self.direction).all():
+            raise MitigationError("The steering direction is empty or contains NaN or infinite values; fit it on non-empty benign and perturbed sets.")
         if self.token_scope not in TOKEN_SCOPES:
             raise MitigationError(f"token_scope must be one of {TOKEN_SCOPES}, got {self.token_scope!r}.")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not math.isfinite(self.beta):
+        if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real) or not math.isfinite(self.beta):
             raise MitigationError(f"beta must be a finite number, got {self.beta!r}.")
+        self.beta = float(self.beta)
+        self.layer = int(self.layer)
 
     @property
     def name(self) -> str:
@@ -305,7 +329,10 @@ def rank_latents(perturbed_codes: np.ndarray, benign_codes: np.ndarray, method: 
 
 def select_latents(scores: np.ndarray, top_k: int, *, positive_only: bool = True) -> np.ndarray:
     """Return the indices of the ``top_k`` highest scores, best first; with ``positive_only``, only scores > 0."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    scores = np.asarray(scores)
+    if scores.ndim != 1:
+        raise MitigationError(f"scores must be one score per latent (1-D), got shape {scores.shape}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
         raise MitigationError(f"top_k must be a positive integer, got {top_k!r}.")
     if top_k > len(scores):
         raise MitigationError(f"top_k={top_k} is larger than the SAE's {len(scores)} latents; choose at most {len(scores)}.")
@@ -328,6 +355,8 @@ def text_codes(features: PairFeatures, feature_type: str) -> np.ndarray:
 
 def steering_direction(perturbed: PairFeatures, benign: PairFeatures) -> np.ndarray:
     """The Raw Feature Steering direction: mean pooled hidden state of perturbed texts minus that of benign ones."""
+    if not len(perturbed.gap) or not len(benign.gap):
+        raise MitigationError("The steering direction needs perturbed and benign training pairs; one of the sets is empty.")
     return (text_codes(perturbed, "raw").mean(axis=0) - text_codes(benign, "raw").mean(axis=0)).astype(np.float32)
 
 
@@ -344,6 +373,17 @@ class CorrectionData:
     reward_chosen: np.ndarray
     reward_rejected: np.ndarray
     benign: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.benign)
+        for name in ("codes_chosen", "codes_rejected", "reward_chosen", "reward_rejected"):
+            value = np.asarray(getattr(self, name), dtype=np.float64)
+            if len(value) != n or (name.startswith("codes") and value.ndim != 2):
+                raise MitigationError(f"CorrectionData.{name} must have {n} rows{' of codes' if name.startswith('codes') else ''}, got shape {value.shape}.")
+            if not np.isfinite(value).all():
+                raise MitigationError(f"CorrectionData.{name} contains NaN or infinite values; check the scored features.")
+        if np.shape(self.codes_chosen)[1:] != np.shape(self.codes_rejected)[1:]:
+            raise MitigationError(f"Chosen and rejected codes differ in width: {np.shape(self.codes_chosen)} and {np.shape(self.codes_rejected)}.")
 
     @classmethod
     def from_features(cls, benign: PairFeatures, perturbed: PairFeatures) -> "CorrectionData":
@@ -390,11 +430,12 @@ class ResidualCorrection:
         seed: int = 0,
     ) -> None:
         for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise MitigationError(f"{name} must be a positive integer, got {value!r}.")
         for name, value in (("margin", margin), ("reg_weight", reg_weight), ("learning_rate", learning_rate), ("max_grad_norm", max_grad_norm)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
                 raise MitigationError(f"{name} must be a finite number >= 0, got {value!r}.")
+        epochs, batch_size = int(epochs), int(batch_size)
         self.margin, self.reg_weight, self.learning_rate = margin, reg_weight, learning_rate
         self.epochs, self.batch_size, self.max_grad_norm = epochs, batch_size, max_grad_norm
         self.standardize, self.margin_in_std, self.seed = standardize, margin_in_std, seed
@@ -424,6 +465,8 @@ class ResidualCorrection:
         benign_gaps = (data[2] - data[3])[data[4].bool()]
         self.margin_used_ = float(self.margin * benign_gaps.std()) if self.margin_in_std and len(benign_gaps) > 1 else float(self.margin)
         checked = validation.tensors() if validation is not None and len(validation) else data
+        if checked[0].shape[1] != width:
+            raise MitigationError(f"The validation codes have {checked[0].shape[1]} columns, but the training codes {width}.")
 
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
@@ -466,21 +509,28 @@ class ResidualCorrection:
         return (((codes - self.mean_) / self.scale_) @ self.weight_ + self.bias_).numpy().astype(np.float64)
 
     def corrected_gap(self, features: PairFeatures) -> np.ndarray:
+        """Return the reward gap with the correction added to both sides."""
+        if features.sae_chosen is None or features.sae_rejected is None:
+            raise MitigationError("Residual Correction needs the pooled SAE codes of both sides; score the pairs with the SAE.")
         return features.gap + self.corrections(features.sae_chosen) - self.corrections(features.sae_rejected)
 
-    def save(self, path: str | Path, fitted_on: Mapping[str, Any]) -> Path:
-        """Save the fitted head (weight, bias, standardisation) with its settings and what it was fitted on."""
+    def save(self, path: str | Path, fitted_on: Mapping[str, Any], sae=None) -> Path:
+        """Save the fitted head (weight, bias, standardisation) with its settings, what it was fitted on and its SAE."""
         if not hasattr(self, "weight_"):
             raise MitigationError("This Residual Correction is not fitted yet; call fit first.")
         tensors = {"weight": self.weight_, "bias": torch.tensor([self.bias_]), "mean": self.mean_, "scale": self.scale_}
         settings = {"method": "residual_correction", **self.settings(), "margin_used": self.margin_used_,
-                    "best_epoch": self.best_epoch_, "fitted_on": dict(fitted_on)}
+                    "best_epoch": self.best_epoch_, "fitted_on": dict(fitted_on),
+                    "sae": str(sae.info.path) if sae is not None else None, "sae_fingerprint": sae.fingerprint if sae is not None else None}
         return save_fitted(path, tensors, settings)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ResidualCorrection":
+    def load(cls, path: str | Path, sae=None) -> "ResidualCorrection":
+        """Reload a saved head; with ``sae``, check that it is the SAE whose codes the head was fitted on."""
         weights, settings = load_fitted(path)
         _check_method(path, settings, "residual_correction")
+        if sae is not None and settings.get("sae_fingerprint") not in (None, sae.fingerprint):
+            raise MitigationError(f"{path} was fitted on codes of the SAE {settings.get('sae')}, not {sae.info.path}; load it with that SAE.")
         correction = cls(**{key: settings[key] for key in cls().settings()})
         correction.weight_, correction.bias_ = weights["weight"], float(weights["bias"][0])
         correction.mean_, correction.scale_ = weights["mean"], weights["scale"]
@@ -496,11 +546,17 @@ def save_fitted(path: str | Path, tensors: Mapping[str, torch.Tensor | np.ndarra
     """Write ``<path>.safetensors`` and ``<path>.json`` (settings and what the method was fitted on)."""
     from safetensors.torch import save
 
-    path = Path(path)
+    weights_path, settings_path = _fitted_paths(path)
     weights = {name: torch.as_tensor(np.asarray(value)).contiguous() for name, value in tensors.items()}
-    atomic_write_bytes(path.with_suffix(".safetensors"), save(weights))
-    atomic_write_json(path.with_suffix(".json"), dict(settings))
-    return path
+    atomic_write_bytes(weights_path, save(weights))
+    atomic_write_json(settings_path, dict(settings))
+    return Path(path)
+
+
+def _fitted_paths(path: str | Path) -> tuple[Path, Path]:
+    # Suffixes are appended, not swapped, so that names with dots (sae_fs_eta-0.001) stay apart.
+    path = Path(path)
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
 def _check_method(path: str | Path, settings: Mapping[str, Any], method: str) -> None:
@@ -510,14 +566,21 @@ def _check_method(path: str | Path, settings: Mapping[str, Any], method: str) ->
 
 def load_fitted(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read what :func:`save_fitted` wrote."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    weights_path, settings_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    weights_path, settings_path = _fitted_paths(path)
     for required in (weights_path, settings_path):
         if not required.is_file():
             raise FileNotFoundError(f"{required} is missing; fit the method first (the mitigation stage saves it).")
-    return load_file(str(weights_path)), json.loads(settings_path.read_text(encoding="utf-8"))
+    try:
+        settings = json.loads(settings_path.read_text(encoding="utf-8"))
+        weights = load_file(str(weights_path))
+    except (json.JSONDecodeError, SafetensorError, UnicodeDecodeError) as error:
+        raise MitigationError(f"The saved method {path} is unreadable ({error}); delete both files and fit it again.") from None
+    if not isinstance(settings, dict):
+        raise MitigationError(f"{settings_path} must contain a JSON object; delete both files and fit the method again.")
+    return weights, settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,11 +595,15 @@ def recovery_rate(gap: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def recovery_buckets(rates: np.ndarray) -> dict[str, float]:
-    """Share of pairs in each diff-recovery bucket; the buckets do not overlap, so the shares sum to 1."""
+    """Share of pairs in each diff-recovery bucket, among pairs with a defined (non-NaN) rate.
+
+    The buckets do not overlap and cover every number including ±inf, so the shares sum to 1.
+    """
     rates = np.asarray(rates, dtype=np.float64)
+    rates = rates[~np.isnan(rates)]
     if len(rates) == 0:
         return {name: math.nan for name, _, _ in DRR_BUCKETS}
-    return {name: float(((rates >= low) & (rates < high)).mean()) for name, low, high in DRR_BUCKETS}
+    return {name: float(((rates >= low) & ((rates < high) | (high == math.inf))).mean()) for name, low, high in DRR_BUCKETS}
 
 
 @dataclass
@@ -549,6 +616,15 @@ class GapsBeforeAfter:
     perturbed_before: np.ndarray
     perturbed_after: np.ndarray
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.attack_types = np.asarray(self.attack_types)
+        n = len(self.attack_types)
+        for name in ("benign_before", "benign_after", "perturbed_before", "perturbed_after"):
+            value = np.asarray(getattr(self, name), dtype=np.float64)
+            if value.shape != (n,):
+                raise MitigationError(f"GapsBeforeAfter.{name} must have one gap per case ({n}), got shape {value.shape}.")
+            setattr(self, name, value)
 
 
 def _accuracy(correct: np.ndarray, n_resamples: int, seed: int) -> tuple[float, float, float]:

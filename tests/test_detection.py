@@ -96,6 +96,12 @@ def test_manifest_round_trip_and_reuse(tmp_path, caplog):
     path.write_text("{not json")
     assert load_or_make_split(path, data, seed=2).seed == 2
     assert "not valid JSON" in caplog.text
+    for malformed in ("3", "null", '{"mode": "grouped", "seed": "x", "test_ratio": 0.3, "validation_ratio": 0.1, "assignments": {}}',
+                      '{"mode": "grouped", "seed": 0, "test_ratio": 0.3, "validation_ratio": 0.1, "assignments": ["a"]}'):
+        path.write_text(malformed)
+        with pytest.raises(DetectionError, match="delete it and rerun detection"):
+            SplitManifest.load(path)
+        assert load_or_make_split(path, data, seed=2).seed == 2
 
     fewer = data.subset(data.case_ids != "case000")
     with pytest.raises(DetectionError, match="not in the split manifest"):
@@ -137,6 +143,14 @@ def test_metrics_on_a_hand_built_case():
     assert np.isnan(one_class["roc_auc"]) and one_class["recall"] == 0.5
     with pytest.raises(DetectionError, match="same non-zero length"):
         detection_metrics(np.array([0, 1]), np.array([0.5]))
+    with pytest.raises(DetectionError, match="labels 0 \\(benign\\) and 1"):
+        detection_metrics(np.array([-1, 1]), np.array([0.2, 0.8]))
+    with pytest.raises(DetectionError, match="NaN or infinite"):
+        detection_metrics(np.array([0, 1]), np.array([np.nan, 0.8]))
+    with pytest.raises(DetectionError, match="groups must name the case of each sample"):
+        detection_metrics(np.array([0, 1]), np.array([0.2, 0.8]), groups=["a"])
+    with pytest.raises(DetectionError, match="n_resamples must be a positive integer"):
+        detection_metrics(np.array([0, 1]), np.array([0.2, 0.8]), n_resamples=0)
 
 
 def test_grouped_bootstrap_resamples_whole_cases():
@@ -149,6 +163,8 @@ def test_grouped_bootstrap_resamples_whole_cases():
     assert by_case["accuracy"] == by_sample["accuracy"] == 0.9
     # Resampling cases moves both of a case's samples together, so the interval is wider.
     assert by_case["accuracy_high"] - by_case["accuracy_low"] > by_sample["accuracy_high"] - by_sample["accuracy_low"]
+    # A case drawn twice must not count its own positive-negative comparison four times.
+    assert by_case["roc_auc_low"] <= by_case["roc_auc"] <= by_case["roc_auc_high"]
 
 
 # -- the detector --------------------------------------------------------------------------------
@@ -209,8 +225,11 @@ def test_detector_is_a_scikit_learn_estimator():
 @pytest.mark.parametrize(
     "settings, X, y, message",
     [
-        ({"batch_size": 0}, None, None, "batch_size must be a positive integer, got 0"),
-        ({"hidden_dims": []}, None, None, "hidden_dims must be positive integers"),
+        ({"batch_size": 0}, None, None, "batch_size must be an integer of at least 2, got 0"),
+        ({"batch_size": 1}, None, None, "batch_size must be an integer of at least 2, got 1"),
+        ({"hidden_dims": []}, None, None, "hidden_dims must be a list of positive integers"),
+        ({"dropout": "0.3"}, None, None, "dropout must be a number in \\[0.0, 1.0\\), got '0.3'"),
+        ({"validation_fraction": 0.0}, None, None, "validation_fraction must be a number in \\(0.0, 1.0\\)"),
         ({"monitor": "test"}, None, None, "monitor must be 'validation' or 'training'"),
         ({}, np.full((4, 3), np.nan), np.array([0, 1, 0, 1]), "NaN or infinite"),
         ({}, np.ones((4, 3)), np.array([0, 2, 0, 1]), "labels 0 \\(benign\\) and 1"),
@@ -304,6 +323,10 @@ def test_features_are_absolute_differences_of_pooled_features(tmp_path, tiny_mod
         build_detection_data(reward_model, RECORDS, layer=1, progress=False)
     with pytest.raises(DetectionError, match="reads layer 1, but detection runs at layer 0"):
         build_detection_data(reward_model, RECORDS, layer=0, sae=sae, progress=False)
+    # The layer the SAE is hooked at counts, not the one its cfg.json records.
+    moved = load_sae(sae.info.path, layer=0, d_model=HIDDEN, allow_layer_mismatch=True)
+    with pytest.raises(DetectionError, match="reads layer 0, but detection runs at layer 1"):
+        build_detection_data(reward_model, RECORDS, layer=1, sae=moved, progress=False)
     with pytest.raises(DetectionError, match="feature_types must be some of"):
         build_detection_data(reward_model, RECORDS, layer=1, feature_types=["hidden"], progress=False)
     raw_only = build_detection_data(reward_model, RECORDS, layer=1, feature_types=["raw"], progress=False)

@@ -129,6 +129,10 @@ def test_steering_rejects_bad_settings(steering_setup):
         SAEFeatureSteering(sae, [1], eta=float("nan"))
     with pytest.raises(MitigationError, match="token_scope must be one of"):
         RawFeatureSteering(torch.zeros(HIDDEN), layer=1, token_scope="prompt")
+    with pytest.raises(MitigationError, match="must be integer latent indices, got a torch.bool array"):
+        SAEFeatureSteering(sae, np.zeros(256, bool))
+    with pytest.raises(MitigationError, match="contains NaN or infinite values"):
+        RawFeatureSteering(torch.full((HIDDEN,), float("nan")), layer=1)
     with pytest.raises(MitigationError, match="has 3 dimensions, but block 1 outputs 64"):
         with steer(reward_model, RawFeatureSteering(torch.zeros(3), layer=1)):
             rewards(reward_model)
@@ -204,6 +208,14 @@ def test_fitted_methods_round_trip(tmp_path):
     weights, settings = load_fitted(path)
     assert weights["direction"].tolist() == [0, 1, 2, 3] and settings == {"beta": 5.0, "layer": 2}
     assert not list(tmp_path.glob(".*tmp"))
+    # Names with dots keep their own files.
+    save_fitted(tmp_path / "eta-0.001", {"x": np.zeros(1)}, {"eta": -0.001})
+    save_fitted(tmp_path / "eta-0.5", {"x": np.zeros(1)}, {"eta": -0.5})
+    assert load_fitted(tmp_path / "eta-0.001")[1] == {"eta": -0.001}
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "broken.safetensors").write_bytes(b"")
+    with pytest.raises(MitigationError, match="is unreadable"):
+        load_fitted(tmp_path / "broken")
     with pytest.raises(FileNotFoundError, match="fit the method first"):
         load_fitted(tmp_path / "sae_fs")
 
@@ -242,6 +254,9 @@ def test_recovery_rate_and_buckets():
     assert sum(buckets.values()) == pytest.approx(1.0)
     assert buckets == pytest.approx({"wrong (< 0)": 1 / 6, "partial [0, 0.8)": 2 / 6, "good [0.8, 0.99)": 1 / 6,
                                      "recovered [0.99, 1.01)": 1 / 6, "over (>= 1.01)": 1 / 6})
+    extremes = recovery_buckets(np.array([np.inf, -np.inf, np.nan, 1.0]))
+    assert sum(extremes.values()) == pytest.approx(1.0)
+    assert extremes["over (>= 1.01)"] == pytest.approx(1 / 3)
 
 
 def test_summary_counts_repairs_and_new_flips():
@@ -258,6 +273,8 @@ def test_summary_counts_repairs_and_new_flips():
     assert summary["perturbed_accuracy_before"] == 0.25 and summary["perturbed_accuracy_after"] == 0.5
     assert summary["perturbed_repaired"] == 2 and summary["perturbed_introduced"] == 1
     assert summary["perturbed_recovery_mean"] == pytest.approx(np.mean([0.5, -0.5, 1.0, -0.5]))
+    with pytest.raises(MitigationError, match="must have one gap per case \\(4\\)"):
+        GapsBeforeAfter(gaps.attack_types, gaps.benign_before, gaps.benign_after[:1], gaps.perturbed_before, gaps.perturbed_after)
     per_type = evaluate_gaps(gaps, n_resamples=10)["per_type"]
     assert per_type["gradient"]["perturbed_repaired"] == 1 and per_type["backdoor"]["cases"] == 2
 
@@ -290,5 +307,7 @@ def test_saved_methods_reload(tmp_path, steering_setup):
 
     train, _, perturbed = correction_set(20, seed=0)
     correction = ResidualCorrection(epochs=5, standardize=True).fit(train)
-    correction.save(tmp_path / "rc", fitted_on)
-    np.testing.assert_allclose(ResidualCorrection.load(tmp_path / "rc").corrected_gap(perturbed), correction.corrected_gap(perturbed), atol=1e-6)
+    correction.save(tmp_path / "rc", fitted_on, sae=sae)
+    np.testing.assert_allclose(ResidualCorrection.load(tmp_path / "rc", sae=sae).corrected_gap(perturbed), correction.corrected_gap(perturbed), atol=1e-6)
+    with pytest.raises(MitigationError, match="was fitted on codes of the SAE"):
+        ResidualCorrection.load(tmp_path / "rc", sae=other)
