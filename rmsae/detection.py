@@ -503,12 +503,13 @@ class MLPDetector(ClassifierMixin, BaseEstimator):
             X, X_val, y, y_val = train_test_split(X, y, test_size=n_held_out, stratify=y, random_state=self.seed)
         elif validation is not None:
             X_val = _check_features(validation[0], "X_val")
-            y_val = np.asarray(validation[1]).astype(np.int64)
+            y_val = np.asarray(validation[1])
             if X_val.shape[1] != X.shape[1] or y_val.shape != (len(X_val),) or not np.isin(y_val, (0, 1)).all():
                 raise DetectionError(
                     f"The validation set must have {X.shape[1]} features and one 0/1 label per sample, got "
                     f"X_val {X_val.shape} and y_val {y_val.shape}."
                 )
+            y_val = y_val.astype(np.int64)
         else:
             X_val, y_val = X, y
         if len(X) < 2:
