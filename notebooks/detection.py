@@ -145,7 +145,8 @@ show("detection_roc", roc_curves(samples))
 # ## Per perturbation type
 #
 # The same MLP detectors, scored on the test cases of each perturbation type separately. Types with
-# few successful cases have wide intervals.
+# few test cases (column `n`) give unreliable numbers, and their bootstrap intervals can even collapse
+# to a point, so read them with `n`.
 
 # %%
 per_type = pd.DataFrame([

@@ -163,8 +163,9 @@ print(f"{len(latents)} latents selected (of {loaded.d_sae}); steering direction 
 #
 # Pair accuracy on benign and perturbed pairs before and after each method, with bootstrap 95%
 # intervals; pairs repaired (wrong before, right after) and newly flipped (right before, wrong
-# after); the mean diff-recovery rate of perturbed pairs, the gap after divided by the benign gap
-# before (1 means the original preference is fully back). SAE FS steers {glue:text}`steered_latents`
+# after); the median diff-recovery rate of perturbed pairs, the gap after divided by the benign gap
+# before (1 means the original preference is fully back). The median is shown because pairs with a
+# tiny benign gap give extreme rates that dominate the mean. SAE FS steers {glue:text}`steered_latents`
 # latents.
 
 # %%
@@ -193,7 +194,7 @@ summary = pd.DataFrame([{"method": method, **{k: v for k, v in result["overall"]
                         for method, result in evaluations.items()])
 table(summary, ["method", "cases", "benign_accuracy_before", "benign_accuracy_after", "benign_accuracy_after_low",
                 "benign_accuracy_after_high", "benign_introduced", "perturbed_accuracy_before", "perturbed_accuracy_after",
-                "perturbed_accuracy_after_low", "perturbed_accuracy_after_high", "perturbed_repaired", "perturbed_recovery_mean"])
+                "perturbed_accuracy_after_low", "perturbed_accuracy_after_high", "perturbed_repaired", "perturbed_recovery_median"])
 
 # %% [markdown]
 # The same per perturbation type:
