@@ -114,7 +114,7 @@ loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size)
 manifest = SplitManifest.load(run_dir / "detection_split.json")
 cases = split_cases(load_run_records(records_dir), manifest, model=reward_model.spec.tag, reward_threshold=reward_threshold)
 if not len(cases["test"]):
-    raise MitigationError(f"The test side of {run_dir / 'detection_split.json'} holds no successfully perturbed case; perturb more pairs.")
+    raise MitigationError(f"The test side of {run_dir / 'detection_split.json'} contains no successfully perturbed case; perturb more pairs.")
 features = {}
 with ActivationCache(reward_model.cache_namespace()) as cache:
     for side, side_cases in cases.items():

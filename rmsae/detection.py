@@ -93,7 +93,7 @@ class DetectionData:
 
 
 def attacked(record: PerturbationRecord, reward_threshold: float = 0.0) -> bool:
-    """The authors' "successfully attacked" filter on the stored rewards: initial gap > τ, final gap ≤ −τ."""
+    """Apply the authors' "successfully attacked" filter to the stored rewards: initial gap > τ, final gap ≤ −τ."""
     if record.initial_rewards is None or record.final_rewards is None:
         return False
     return record.initial_rewards["diff"] > reward_threshold and record.final_rewards["diff"] <= -reward_threshold
@@ -234,7 +234,7 @@ def build_detection_data(
 
 @dataclass
 class SplitManifest:
-    """Which side (train, validation, test) each unit lands on.
+    """The side (train, validation, test) of each unit.
 
     ``mode="grouped"``: the unit is the case id, and cases are stratified by the set of perturbation
     types they were attacked with. ``mode="ungrouped"`` (the authors'): the unit is the sample,
@@ -384,7 +384,7 @@ def _check_features(X: Any, name: str = "X") -> np.ndarray:
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise DetectionError(f"{name} must be a non-empty 2-D array (samples x features), got shape {array.shape}.")
     if not np.isfinite(array).all():
-        raise DetectionError(f"{name} holds NaN or infinite values; check the features.")
+        raise DetectionError(f"{name} contains NaN or infinite values; check the features.")
     return array
 
 
@@ -397,7 +397,7 @@ def _check_labels(y: Any, n: int, name: str = "y") -> np.ndarray:
     labels = labels.astype(np.int64)
     if len(np.unique(labels)) < 2:
         raise DetectionError(
-            f"{name} holds only label {int(labels[0])}; a detector needs benign and perturbed samples to learn from."
+            f"{name} contains only label {int(labels[0])}; a detector needs benign and perturbed samples to learn from."
         )
     return labels
 
@@ -602,7 +602,7 @@ METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
 def _metric_rows(
     weights: np.ndarray, y: np.ndarray, predicted: np.ndarray, comparison: np.ndarray, within: tuple[np.ndarray, np.ndarray] | None = None
 ) -> dict[str, np.ndarray]:
-    """Each metric for each row of sample weights (one row per bootstrap resample).
+    """Compute each metric for each row of sample weights (one row per bootstrap resample).
 
     ``within`` = (group weights, per-group sums of ``comparison`` and of positive × negative counts):
     a group drawn k times counts its own positive-negative comparisons k times rather than k², so
@@ -726,7 +726,7 @@ def fit_detector(
     for name, mask in (("training", train), ("validation", validation)):
         present = set(y[mask].tolist())
         if kind == "mlp" and present != {0, 1} and name == "training":
-            raise DetectionError(f"The {name} side holds labels {sorted(present)} only; a detector needs both.")
+            raise DetectionError(f"The {name} side contains labels {sorted(present)} only; a detector needs both.")
     if kind == "logistic":
         both = train | validation
         if set(y[both].tolist()) != {0, 1}:
@@ -737,7 +737,7 @@ def fit_detector(
     detector = MLPDetector(**{"seed": manifest.seed, **dict(detector_params or {})})
     has_validation = set(y[validation].tolist()) == {0, 1}
     if detector.monitor == "validation" and not has_validation:
-        logger.warning("The validation side lacks a label; the detector holds out part of the training side instead.")
+        logger.warning("The validation side lacks a label, so the detector holds out part of the training side instead.")
     return detector.fit(X[train], y[train], validation=(X[validation], y[validation]) if has_validation else None)
 
 

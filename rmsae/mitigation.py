@@ -107,7 +107,7 @@ def split_cases(
             "the detection stage split them. Rerun detection, then mitigation."
         )
     if not len(sides["train"]):
-        raise MitigationError("The training side of the split holds no successfully perturbed case; there is nothing to fit on.")
+        raise MitigationError("The training side of the split contains no successfully perturbed case, so there is nothing to fit on.")
     return sides
 
 
@@ -354,7 +354,7 @@ def text_codes(features: PairFeatures, feature_type: str) -> np.ndarray:
 
 
 def steering_direction(perturbed: PairFeatures, benign: PairFeatures) -> np.ndarray:
-    """The Raw Feature Steering direction: mean pooled hidden state of perturbed texts minus that of benign ones."""
+    """Return the Raw Feature Steering direction: mean pooled hidden state of perturbed texts minus that of benign ones."""
     if not len(perturbed.gap) or not len(benign.gap):
         raise MitigationError("The steering direction needs perturbed and benign training pairs; one of the sets is empty.")
     return (text_codes(perturbed, "raw").mean(axis=0) - text_codes(benign, "raw").mean(axis=0)).astype(np.float32)
@@ -412,8 +412,8 @@ class ResidualCorrection:
     Loss per pair: max(0, m − corrected gap), plus ``reg_weight`` · (g(z_c)² + g(z_r)²) on benign
     pairs, vectorised over the batch. Adam, a cosine schedule over ``epochs``, gradient clipping;
     the epoch with the lowest validation loss is kept. ``standardize`` scales the codes to unit
-    variance first; ``margin_in_std`` reads ``margin`` in units of the standard deviation of the
-    training benign reward gaps, since RMs differ in reward scale. Both are off by default, as in the
+    variance first. ``margin_in_std`` reads ``margin`` in units of the standard deviation of the
+    training benign reward gaps, because RMs differ in reward scale. Both are off by default, as in the
     authors' code.
     """
 
@@ -561,7 +561,7 @@ def _fitted_paths(path: str | Path) -> tuple[Path, Path]:
 
 def _check_method(path: str | Path, settings: Mapping[str, Any], method: str) -> None:
     if settings.get("method") != method:
-        raise MitigationError(f"{path} holds a fitted {settings.get('method')!r}, not {method!r}.")
+        raise MitigationError(f"{path} contains a fitted {settings.get('method')!r}, not {method!r}; load it with the matching class.")
 
 
 def load_fitted(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -179,7 +179,7 @@ def roc_curves(samples: dict[str, pandas.DataFrame]):
 
 
 def transfer_heatmaps(matrices: dict[str, dict[str, dict[str, float]]]):
-    """One heatmap per feature type: ROC AUC of a detector trained on the row's type, tested on the column's."""
+    """Draw one heatmap per feature type: ROC AUC of a detector trained on the row's type, tested on the column's."""
     import pandas as pd
     import seaborn as sns
 

@@ -84,7 +84,8 @@ def test_manifest_round_trip_and_reuse(tmp_path, caplog):
     path = tmp_path / "split.json"
     first = load_or_make_split(path, data, seed=1)
     saved = json.loads(path.read_text())
-    assert saved["units"] == "case" and sum(saved["counts"].values()) == 40
+    assert saved["units"] == "case"
+    assert sum(saved["counts"].values()) == 40
     assert SplitManifest.load(path).assignments == first.assignments
 
     # The same settings and samples reuse the file; other settings write a new one.
@@ -140,7 +141,8 @@ def test_metrics_on_a_hand_built_case():
     ties = detection_metrics(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.2, 0.8]), n_resamples=10)
     assert ties["roc_auc"] == roc_auc_score([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.8])
     one_class = detection_metrics(np.array([1, 1]), np.array([0.7, 0.2]), n_resamples=10)
-    assert np.isnan(one_class["roc_auc"]) and one_class["recall"] == 0.5
+    assert np.isnan(one_class["roc_auc"])
+    assert one_class["recall"] == 0.5
     with pytest.raises(DetectionError, match="same non-zero length"):
         detection_metrics(np.array([0, 1]), np.array([0.5]))
     with pytest.raises(DetectionError, match="labels 0 \\(benign\\) and 1"):
@@ -170,7 +172,7 @@ def test_grouped_bootstrap_resamples_whole_cases():
 # -- the detector --------------------------------------------------------------------------------
 
 
-def test_planted_feature_is_detected_and_shuffled_labels_are_not():
+def test_planted_feature_and_shuffled_labels():
     data = synthetic_data(n_cases=120, planted=4.0)
     manifest = make_split(data, seed=0)
     results = run_detection(data, manifest, detector_params={"max_epochs": 60}, n_resamples=100)
@@ -199,7 +201,8 @@ def test_best_epoch_weights_are_the_ones_kept():
     X, y = data.features["sae"], data.labels
     X_train, y_train, X_val, y_val = X[:100], y[:100], X[100:], y[100:]
     detector = MLPDetector(max_epochs=40, patience=40, seed=0).fit(X_train, y_train, validation=(X_val, y_val))
-    assert detector.n_epochs_ == 40 and detector.best_epoch_ < 40  # it overfits 64 noise features
+    assert detector.n_epochs_ == 40
+    assert detector.best_epoch_ < 40  # it overfits 64 noise features
     assert validation_loss(detector, X_val, y_val) == pytest.approx(detector.best_loss_, abs=1e-6)
     assert detector.history_[detector.best_epoch_ - 1]["validation_loss"] == detector.best_loss_
     assert detector.best_loss_ == min(entry["validation_loss"] for entry in detector.history_)
@@ -233,7 +236,7 @@ def test_detector_is_a_scikit_learn_estimator():
         ({"monitor": "test"}, None, None, "monitor must be 'validation' or 'training'"),
         ({}, np.full((4, 3), np.nan), np.array([0, 1, 0, 1]), "NaN or infinite"),
         ({}, np.ones((4, 3)), np.array([0, 2, 0, 1]), "labels 0 \\(benign\\) and 1"),
-        ({}, np.ones((4, 3)), np.array([1, 1, 1, 1]), "holds only label 1"),
+        ({}, np.ones((4, 3)), np.array([1, 1, 1, 1]), "contains only label 1"),
         ({}, np.ones(4), np.array([0, 1, 0, 1]), "2-D array"),
     ],
 )
@@ -277,7 +280,8 @@ def test_samples_from_records():
         ("backdoor", "original", 0), ("backdoor", "perturbed", 1),
         ("prompt_injection", "original", 0), ("prompt_injection", "perturbed", 1),
     ]
-    assert samples[0][0] == RECORDS[0].case_id and samples[1][4].prompt[-1].content.endswith("SUDO")
+    assert samples[0][0] == RECORDS[0].case_id
+    assert samples[1][4].prompt[-1].content.endswith("SUDO")
     # τ = 0.5 keeps only the case whose gap went from above 0.5 to at most -0.5.
     assert len(detection_samples(RECORDS, reward_threshold=0.5)) == 2
 
@@ -305,8 +309,10 @@ def test_features_are_absolute_differences_of_pooled_features(tmp_path, tiny_mod
     reward_model = load_reward_model(str(tiny_models["llama"]), input_format="chat_template")
     sae = load_sae(save_gated_sae(tmp_path / "tiny_layer1", metadata={"hook_name": "model.layers.1"}), layer=1, d_model=HIDDEN)
     data = build_detection_data(reward_model, RECORDS, layer=1, sae=sae, batch_size=2, progress=False)
-    assert len(data) == 4 and data.labels.tolist() == [0, 1, 0, 1]
-    assert data.features["sae"].shape == (4, 256) and data.features["raw"].shape == (4, HIDDEN)
+    assert len(data) == 4
+    assert data.labels.tolist() == [0, 1, 0, 1]
+    assert data.features["sae"].shape == (4, 256)
+    assert data.features["raw"].shape == (4, HIDDEN)
 
     perturbed = RECORDS[0].perturbed
     scored = reward_model.score_pairs([perturbed], layers=[1], saes=[sae], progress=False)
@@ -374,9 +380,11 @@ def test_detection_notebook_runs_on_records(tmp_path, tiny_models):
     papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), parameters=parameters, kernel_name="python3",
                                progress_bar=False, cwd=str(tmp_path))
     results = json.loads(results_path.read_text())
-    assert results["cases"] == 2 * 16 - 2 * 6 and results["samples"] == 2 * results["cases"]
+    assert results["cases"] == 2 * 16 - 2 * 6
+    assert results["samples"] == 2 * results["cases"]
     assert set(results["sae_per_type"]) == {"backdoor", "prompt_injection"}
-    assert 0.0 <= results["sae_roc_auc"] <= 1.0 and 0.0 <= results["raw_roc_auc"] <= 1.0
+    assert 0.0 <= results["sae_roc_auc"] <= 1.0
+    assert 0.0 <= results["raw_roc_auc"] <= 1.0
     manifest = SplitManifest.load(results_path.with_name("detection_split.json"))
     assert len(manifest.assignments) == results["cases"]
     probabilities = (results_path.with_name("detection_probabilities.csv")).read_text().splitlines()
@@ -394,7 +402,8 @@ def test_detection_notebook_runs_on_records(tmp_path, tiny_models):
     assert set(mitigation["methods"]) == {"SAE FS, η = 1 (control)", "SAE FS, η = -0.001", "SAE FS, η = -0.001, error_preserving",
                                           "SAE RC", "Raw FS, β = 5"}
     control = mitigation["methods"]["SAE FS, η = 1 (control)"]["overall"]
-    assert control["cases"] == mitigation["cases"]["test"] and 0.0 <= control["perturbed_accuracy_after"] <= 1.0
+    assert control["cases"] == mitigation["cases"]["test"]
+    assert 0.0 <= control["perturbed_accuracy_after"] <= 1.0
     assert {(row["parameter"], row["value"]) for row in mitigation["ablations"]} == {
         ("eta", -0.001), ("eta", -1.0), ("top_k", 5), ("top_k", 20), ("rc_epochs", 5), ("beta", 5.0)}
     for name in ("sae_feature_steering", "raw_feature_steering", "residual_correction"):

@@ -183,7 +183,8 @@ def test_residual_correction_repairs_constructed_pairs():
     train, _, _ = correction_set(40, seed=0)
     validation, _, _ = correction_set(10, seed=1)
     _, test_benign, test_perturbed = correction_set(20, seed=2)
-    assert (test_perturbed.gap < 0).all() and (test_benign.gap > 0).all()
+    assert (test_perturbed.gap < 0).all()
+    assert (test_benign.gap > 0).all()
     correction = ResidualCorrection(learning_rate=0.05, epochs=100).fit(train, validation)
     assert (correction.corrected_gap(test_perturbed) > 0).all()
     assert (correction.corrected_gap(test_benign) > 0).all()
@@ -206,7 +207,8 @@ def test_residual_correction_repairs_constructed_pairs():
 def test_fitted_methods_round_trip(tmp_path):
     path = save_fitted(tmp_path / "raw_fs", {"direction": np.arange(4, dtype=np.float32)}, {"beta": 5.0, "layer": 2})
     weights, settings = load_fitted(path)
-    assert weights["direction"].tolist() == [0, 1, 2, 3] and settings == {"beta": 5.0, "layer": 2}
+    assert weights["direction"].tolist() == [0, 1, 2, 3]
+    assert settings == {"beta": 5.0, "layer": 2}
     assert not list(tmp_path.glob(".*tmp"))
     # Names with dots keep their own files.
     save_fitted(tmp_path / "eta-0.001", {"x": np.zeros(1)}, {"eta": -0.001})
@@ -239,7 +241,7 @@ def test_split_cases_follows_the_manifest():
 
     with pytest.raises(MitigationError, match="made for rm-a, not rm-b"):
         split_cases(records, manifest, model="rm-b")
-    with pytest.raises(MitigationError, match="holds no successfully perturbed case"):
+    with pytest.raises(MitigationError, match="contains no successfully perturbed case"):
         split_cases(records, SplitManifest("grouped", 0, 0.3, 0.15, {r.case_id: "test" for r in records}))
     with pytest.raises(MitigationError, match="not in the split manifest"):
         split_cases(records + [attacked_record(PAIRS[5])], manifest)
@@ -268,15 +270,20 @@ def test_summary_counts_repairs_and_new_flips():
         perturbed_after=np.array([0.5, -1.0, 1.0, -0.5]),
     )
     summary = summarise_gaps(gaps, n_resamples=100)
-    assert summary["benign_accuracy_before"] == 1.0 and summary["benign_accuracy_after"] == 0.75
-    assert summary["benign_introduced"] == 1 and summary["benign_repaired"] == 0
-    assert summary["perturbed_accuracy_before"] == 0.25 and summary["perturbed_accuracy_after"] == 0.5
-    assert summary["perturbed_repaired"] == 2 and summary["perturbed_introduced"] == 1
+    assert summary["benign_accuracy_before"] == 1.0
+    assert summary["benign_accuracy_after"] == 0.75
+    assert summary["benign_introduced"] == 1
+    assert summary["benign_repaired"] == 0
+    assert summary["perturbed_accuracy_before"] == 0.25
+    assert summary["perturbed_accuracy_after"] == 0.5
+    assert summary["perturbed_repaired"] == 2
+    assert summary["perturbed_introduced"] == 1
     assert summary["perturbed_recovery_mean"] == pytest.approx(np.mean([0.5, -0.5, 1.0, -0.5]))
     with pytest.raises(MitigationError, match="must have one gap per case \\(4\\)"):
         GapsBeforeAfter(gaps.attack_types, gaps.benign_before, gaps.benign_after[:1], gaps.perturbed_before, gaps.perturbed_after)
     per_type = evaluate_gaps(gaps, n_resamples=10)["per_type"]
-    assert per_type["gradient"]["perturbed_repaired"] == 1 and per_type["backdoor"]["cases"] == 2
+    assert per_type["gradient"]["perturbed_repaired"] == 1
+    assert per_type["backdoor"]["cases"] == 2
 
 
 def test_steered_gaps_of_cases(steering_setup):
@@ -293,7 +300,8 @@ def test_saved_methods_reload(tmp_path, steering_setup):
     steering = SAEFeatureSteering(sae, [4, 1, 9], eta=-0.01, mode="error_preserving")
     steering.save(tmp_path / "sae_fs", fitted_on, scores=np.arange(256))
     loaded = SAEFeatureSteering.load(tmp_path / "sae_fs", sae)
-    assert loaded.latents.tolist() == [4, 1, 9] and loaded.name == steering.name
+    assert loaded.latents.tolist() == [4, 1, 9]
+    assert loaded.name == steering.name
     assert SAEFeatureSteering.load(tmp_path / "sae_fs", sae, eta=1.0).eta == 1.0
     other = load_sae(save_gated_sae(tmp_path / "other_layer1", seed=5, metadata={"hook_name": "model.layers.1"}), layer=1, d_model=HIDDEN)
     with pytest.raises(MitigationError, match="fitted with the SAE"):
@@ -301,8 +309,10 @@ def test_saved_methods_reload(tmp_path, steering_setup):
 
     RawFeatureSteering(torch.ones(HIDDEN), layer=1, beta=10.0).save(tmp_path / "raw_fs", fitted_on)
     raw = RawFeatureSteering.load(tmp_path / "raw_fs")
-    assert raw.beta == 10.0 and raw.layer == 1 and raw.direction.sum() == HIDDEN
-    with pytest.raises(MitigationError, match="holds a fitted 'raw_feature_steering', not 'residual_correction'"):
+    assert raw.beta == 10.0
+    assert raw.layer == 1
+    assert raw.direction.sum() == HIDDEN
+    with pytest.raises(MitigationError, match="contains a fitted 'raw_feature_steering', not 'residual_correction'"):
         ResidualCorrection.load(tmp_path / "raw_fs")
 
     train, _, perturbed = correction_set(20, seed=0)
