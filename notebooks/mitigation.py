@@ -57,6 +57,7 @@ eta_sweep = [-0.001, -0.01, -0.1, -1.0]
 top_k_sweep = [25, 50, 100, 200]
 rc_epochs_sweep = [100, 200, 300, 400]
 beta_sweep = [1.0, 5.0, 10.0, 15.0]
+partial_forward = True
 bootstrap_samples = 1000
 seed = 0
 results_path = "mitigation.json"
@@ -87,6 +88,7 @@ globals().update(check_all(globals(), {
     "top_k_sweep": ("int_list", {"minimum": 1}),
     "rc_epochs_sweep": ("int_list", {"minimum": 1}),
     "beta_sweep": ("float_list", {}),
+    "partial_forward": ("bool", {}),
     "bootstrap_samples": ("int", {"minimum": 1}),
     "seed": ("int", {"minimum": 0}),
 }))
@@ -104,7 +106,7 @@ from rmsae.detection import SplitManifest
 from rmsae.experiments import load_run_records, load_run_sae, save_results, show, table
 from rmsae.mitigation import (
     CorrectionData, GapsBeforeAfter, MitigationError, RawFeatureSteering, ResidualCorrection, SAEFeatureSteering, evaluate_gaps, pair_features,
-    rank_latents, select_latents, split_cases, steered_gaps, steering_direction, text_codes,
+    capture_case_outputs, rank_latents, select_latents, split_cases, steered_gaps, steering_direction, text_codes,
 )
 from rmsae.plots import ablation_curves, mitigation_gaps, recovery_bucket_bars
 from rmsae.reward_model import load_reward_model
@@ -177,8 +179,15 @@ def gaps_after(benign_after, perturbed_after):
     return GapsBeforeAfter(kinds, test["benign"].gap, np.asarray(benign_after), test["perturbed"].gap, np.asarray(perturbed_after))
 
 
+# Every steered scoring below edits block `layer` of the same test texts, so with `partial_forward`
+# block `layer`'s per-token output is stored once and each scoring runs only the later blocks.
+block_outputs = capture_case_outputs(reward_model, test_cases, layer, batch_size=batch_size) if partial_forward else None
+if block_outputs is not None:
+    print(f"Steered scoring resumes after block {layer} from {block_outputs.nbytes / 2**20:.1f} MB of stored outputs.")
+
+
 def steered(intervention):
-    return gaps_after(*steered_gaps(reward_model, intervention, test_cases, batch_size=batch_size))
+    return gaps_after(*steered_gaps(reward_model, intervention, test_cases, batch_size=batch_size, block_outputs=block_outputs))
 
 
 other_mode = "error_preserving" if steering_mode == "replace" else "replace"

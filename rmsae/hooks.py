@@ -110,3 +110,61 @@ def capture_block_output(model: nn.Module, layer: int) -> Iterator[dict[str, tor
 
     with edit_block_output(model, layer, record):
         yield captured
+
+
+def block_output_container(output: object) -> str:
+    """Return ``"tensor"`` or ``"tuple"``: how a block returns its hidden state, as replayed by :func:`replay_block_output`.
+
+    Raises ValueError for a tuple that carries more than the hidden state (attention weights, a key
+    and value cache), because a replay could not reproduce those items.
+    """
+    if isinstance(output, torch.Tensor):
+        return "tensor"
+    if isinstance(output, tuple) and output and all(item is None for item in output[1:]):
+        return "tuple"
+    raise ValueError(
+        f"The block returned a {type(output).__name__} with more than a hidden state; "
+        "turn off attention outputs and the key/value cache before replaying block outputs."
+    )
+
+
+@contextmanager
+def replay_block_output(model: nn.Module, layer: int, hidden: torch.Tensor, container: str) -> Iterator[None]:
+    """Skip blocks ``0..layer`` while the context is open: block ``layer`` outputs ``hidden`` as it is.
+
+    Blocks before ``layer`` pass their input through unchanged and block ``layer`` ignores its input,
+    so a forward costs the embeddings plus blocks ``layer + 1`` onward. Forward hooks on block
+    ``layer`` (a steering edit, an SAE splice) still run on ``hidden``. ``hidden`` must be that
+    block's output for the same padded batch, captured earlier. The blocks' ``forward`` attributes
+    are swapped and restored, which keeps any wrapper that ``accelerate`` installed there.
+    """
+    if container not in ("tensor", "tuple"):
+        raise ValueError(f"container must be 'tensor' or 'tuple', got {container!r}.")
+    blocks = find_blocks(model)
+    check_layer(model, layer)
+
+    def wrap(value: torch.Tensor) -> object:
+        return value if container == "tensor" else (value,)
+
+    def pass_through(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> object:
+        return wrap(hidden_states)
+
+    patched = list(blocks[: layer + 1])
+    parameter = next(patched[-1].parameters(), None)
+    replayed = hidden if parameter is None else hidden.to(parameter.device)
+
+    def replay(*args: object, **kwargs: object) -> object:
+        return wrap(replayed)
+
+    saved = [block.__dict__.get("forward") for block in patched]
+    try:
+        for block in patched[:-1]:
+            block.forward = pass_through
+        patched[-1].forward = replay
+        yield
+    finally:
+        for block, previous in zip(patched, saved):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous

@@ -28,6 +28,7 @@ from .analysis import bootstrap_ci
 from .data import PerturbationRecord, PreferencePair
 from .detection import DetectionError, SplitManifest, attacked, detection_samples
 from .hooks import edit_block_output
+from .partial_forward import BlockOutputs, PartialForwardError, capture_block_outputs, rewards_from_block_outputs
 from .storage import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -664,15 +665,50 @@ def evaluate_gaps(gaps: GapsBeforeAfter, *, n_resamples: int = 1000, seed: int =
     return result
 
 
-def steered_gaps(reward_model, intervention, cases: MitigationCases, *, batch_size: int = 16, cache_factory=None) -> tuple[np.ndarray, np.ndarray]:
-    """Reward gaps of the cases' benign and perturbed pairs with ``intervention`` applied (full forwards).
+def _case_conversations(cases: MitigationCases) -> list:
+    pairs = list(cases.originals) + list(cases.perturbed)
+    return [pair.conversation("chosen") for pair in pairs] + [pair.conversation("rejected") for pair in pairs]
 
-    ``cache_factory``, when given, is called inside the intervention context and returns an open
-    activation cache for the steered model (``lambda: ActivationCache(reward_model.cache_namespace())``).
+
+def capture_case_outputs(reward_model, cases: MitigationCases, layer: int, *, batch_size: int = 16, progress: bool = False) -> BlockOutputs | None:
+    """Store block ``layer``'s per-token outputs for the cases' texts, for :func:`steered_gaps` to resume from.
+
+    Returns None, with a warning, when the model's forward cannot be resumed from a block output;
+    steering then runs full forwards.
     """
+    try:
+        return capture_block_outputs(reward_model, _case_conversations(cases), layer, batch_size=batch_size, progress=progress)
+    except PartialForwardError as error:
+        logger.warning("Steered scoring will run full forwards: %s", error)
+        return None
+
+
+def steered_gaps(reward_model, intervention, cases: MitigationCases, *, batch_size: int = 16, cache_factory=None,
+                 block_outputs: BlockOutputs | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reward gaps of the cases' benign and perturbed pairs with ``intervention`` applied.
+
+    With ``block_outputs`` from :func:`capture_case_outputs` for these cases at the intervention's
+    layer, only the blocks after it are run; otherwise every text gets a full forward.
+    ``cache_factory``, when given, is called inside the intervention context and returns an open
+    activation cache for the steered model (``lambda: ActivationCache(reward_model.cache_namespace())``);
+    it applies to full forwards only.
+    """
+    n = len(cases)
+    if block_outputs is not None:
+        if block_outputs.layer != intervention.layer:
+            raise MitigationError(
+                f"The block outputs were captured at layer {block_outputs.layer}, but {intervention.name} steers layer {intervention.layer}; "
+                "capture them at the intervention's layer."
+            )
+        keys = [reward_model.text_key(reward_model.render(turns)) for turns in _case_conversations(cases)]
+        if keys != block_outputs.text_keys:
+            raise MitigationError("The block outputs were captured for other texts than these cases; capture them with capture_case_outputs(cases).")
+        with steer(reward_model, intervention):
+            rewards = rewards_from_block_outputs(reward_model, block_outputs)
+        gaps = rewards[: 2 * n] - rewards[2 * n :]
+        return gaps[:n], gaps[n:]
     with steer(reward_model, intervention):
         with (cache_factory() if cache_factory else contextlib.nullcontext()) as cache:
             scores = reward_model.score_pairs(list(cases.originals) + list(cases.perturbed), batch_size=batch_size,
                                               cache=cache, progress=False)
-    n = len(cases)
     return scores.reward_gap[:n], scores.reward_gap[n:]

@@ -251,16 +251,23 @@ class RewardModel:
 
             return edit
 
-        self.token_masks = {"all": attention_mask.bool(), "response": response_mask.to(device)}
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.batch_token_masks(attention_mask, response_mask))
+            for layer in sorted(set(layers) | set(saes_by_layer)):
+                stack.enter_context(edit_block_output(self.model, layer, pool_into(layer)))
+            with self._autocast():
+                rewards = self.differentiable_rewards(input_ids, attention_mask, position_ids)
+        return rewards.float().cpu(), pooled, sae_codes
+
+    @contextlib.contextmanager
+    def batch_token_masks(self, attention_mask: torch.Tensor, response_mask: torch.Tensor):
+        """Expose the token masks of the batch being run as :attr:`token_masks` while the context is open."""
+        device = self.device
+        self.token_masks = {"all": attention_mask.to(device).bool(), "response": response_mask.to(device)}
         try:
-            with contextlib.ExitStack() as stack:
-                for layer in sorted(set(layers) | set(saes_by_layer)):
-                    stack.enter_context(edit_block_output(self.model, layer, pool_into(layer)))
-                with self._autocast():
-                    rewards = self.differentiable_rewards(input_ids, attention_mask, position_ids)
+            yield
         finally:
             self.token_masks = None
-        return rewards.float().cpu(), pooled, sae_codes
 
     def differentiable_rewards(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
