@@ -58,6 +58,7 @@ top_k_sweep = [25, 50, 100, 200]
 rc_epochs_sweep = [100, 200, 300, 400]
 beta_sweep = [1.0, 5.0, 10.0, 15.0]
 partial_forward = True
+partial_forward_max_gb = 8.0
 bootstrap_samples = 1000
 seed = 0
 results_path = "mitigation.json"
@@ -89,6 +90,7 @@ globals().update(check_all(globals(), {
     "rc_epochs_sweep": ("int_list", {"minimum": 1}),
     "beta_sweep": ("float_list", {}),
     "partial_forward": ("bool", {}),
+    "partial_forward_max_gb": ("float", {"minimum": 0.0}),
     "bootstrap_samples": ("int", {"minimum": 1}),
     "seed": ("int", {"minimum": 0}),
 }))
@@ -181,7 +183,9 @@ def gaps_after(benign_after, perturbed_after):
 
 # Every steered scoring below edits block `layer` of the same test texts, so with `partial_forward`
 # block `layer`'s per-token output is stored once and each scoring runs only the later blocks.
-block_outputs = capture_case_outputs(reward_model, test_cases, layer, batch_size=batch_size) if partial_forward else None
+block_outputs = None
+if partial_forward:
+    block_outputs = capture_case_outputs(reward_model, test_cases, layer, batch_size=batch_size, max_bytes=int(partial_forward_max_gb * 2**30))
 if block_outputs is not None:
     print(f"Steered scoring resumes after block {layer} from {block_outputs.nbytes / 2**20:.1f} MB of stored outputs.")
 

@@ -5,8 +5,8 @@ The matrix is a YAML file (``experiments.yml`` at the repository root) with two 
 ``stages``
     One entry per notebook: ``notebook`` (jupytext source), ``page`` (the notebook that gathers the
     stage's runs into a book chapter), ``scope`` (``model``: once per model; ``model_layer``: once
-    per model and layer), ``after`` (stages whose runs must finish first), ``timeout`` (seconds per
-    cell) and ``parameters`` (defaults passed to every run of the stage).
+    per model and layer), ``after`` (stages whose runs must finish first; a per-model stage after a
+    per-layer one waits for every layer of its model), ``timeout`` (seconds per cell) and ``parameters`` (defaults passed to every run of the stage).
 ``profiles``
     One entry per profile: ``description``, ``prepare`` (``demo`` builds the demo models and SAEs
     first, cached), ``data`` (a :func:`rmsae.data.load_pairs` spec), ``split`` (``all`` or
@@ -290,10 +290,6 @@ def load_matrix(path: str | Path) -> Matrix:
         for dependency in stage.after:
             if dependency not in stages:
                 raise MatrixError(f"stages.{stage.name}.after: no stage named {dependency!r}.")
-            if stage.scope == "model" and stages[dependency].scope == "model_layer":
-                raise MatrixError(
-                    f"stages.{stage.name}.after: a per-model stage cannot wait for the per-layer stage {dependency!r}."
-                )
 
     profiles = {
         name: _parse_profile(_check_name(name, f"profiles.{name}"), entry, stages, defaults, root)

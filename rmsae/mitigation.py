@@ -665,50 +665,68 @@ def evaluate_gaps(gaps: GapsBeforeAfter, *, n_resamples: int = 1000, seed: int =
     return result
 
 
-def _case_conversations(cases: MitigationCases) -> list:
+def case_conversations(cases: MitigationCases) -> list:
+    """The cases' texts in the order :func:`steered_gaps` scores them: chosen then rejected sides of originals, then perturbed."""
     pairs = list(cases.originals) + list(cases.perturbed)
     return [pair.conversation("chosen") for pair in pairs] + [pair.conversation("rejected") for pair in pairs]
 
 
-def capture_case_outputs(reward_model, cases: MitigationCases, layer: int, *, batch_size: int = 16, progress: bool = False) -> BlockOutputs | None:
-    """Store block ``layer``'s per-token outputs for the cases' texts, for :func:`steered_gaps` to resume from.
+def try_capture_block_outputs(reward_model, conversations: Sequence, layer: int, *, batch_size: int = 16,
+                              max_bytes: int | None = None, progress: bool = False) -> BlockOutputs | None:
+    """Store block ``layer``'s per-token outputs of ``conversations``, for steered scoring to resume from.
 
-    Returns None, with a warning, when the model's forward cannot be resumed from a block output;
-    steering then runs full forwards.
+    Returns None, with a warning, when the model's forward cannot be resumed from a block output or
+    the outputs would take more than ``max_bytes``; steering then runs full forwards.
     """
     try:
-        return capture_block_outputs(reward_model, _case_conversations(cases), layer, batch_size=batch_size, progress=progress)
+        return capture_block_outputs(reward_model, conversations, layer, batch_size=batch_size, max_bytes=max_bytes,
+                                     progress=progress)
     except PartialForwardError as error:
         logger.warning("Steered scoring will run full forwards: %s", error)
         return None
 
 
-def steered_gaps(reward_model, intervention, cases: MitigationCases, *, batch_size: int = 16, cache_factory=None,
-                 block_outputs: BlockOutputs | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Reward gaps of the cases' benign and perturbed pairs with ``intervention`` applied.
+def capture_case_outputs(reward_model, cases: MitigationCases, layer: int, *, batch_size: int = 16, max_bytes: int | None = None,
+                         progress: bool = False) -> BlockOutputs | None:
+    """Block ``layer``'s per-token outputs of the cases' texts, for :func:`steered_gaps`; None as in :func:`try_capture_block_outputs`."""
+    return try_capture_block_outputs(reward_model, case_conversations(cases), layer, batch_size=batch_size, max_bytes=max_bytes,
+                                     progress=progress)
 
-    With ``block_outputs`` from :func:`capture_case_outputs` for these cases at the intervention's
-    layer, only the blocks after it are run; otherwise every text gets a full forward.
-    ``cache_factory``, when given, is called inside the intervention context and returns an open
-    activation cache for the steered model (``lambda: ActivationCache(reward_model.cache_namespace())``);
-    it applies to full forwards only.
+
+def steered_rewards(reward_model, intervention, conversations: Sequence, *, batch_size: int = 16,
+                    block_outputs: BlockOutputs | None = None, cache_factory=None) -> np.ndarray:
+    """Rewards of ``conversations`` with ``intervention`` applied.
+
+    With ``block_outputs`` captured for these texts at the intervention's layer, only the blocks
+    after it are run; otherwise every text gets a full forward. ``cache_factory``, when given, is
+    called inside the intervention context and returns an open activation cache for the steered
+    model (``lambda: ActivationCache(reward_model.cache_namespace())``); it applies to full forwards only.
     """
-    n = len(cases)
     if block_outputs is not None:
         if block_outputs.layer != intervention.layer:
             raise MitigationError(
                 f"The block outputs were captured at layer {block_outputs.layer}, but {intervention.name} steers layer {intervention.layer}; "
                 "capture them at the intervention's layer."
             )
-        keys = [reward_model.text_key(reward_model.render(turns)) for turns in _case_conversations(cases)]
+        keys = [reward_model.text_key(reward_model.render(turns)) for turns in conversations]
         if keys != block_outputs.text_keys:
-            raise MitigationError("The block outputs were captured for other texts than these cases; capture them with capture_case_outputs(cases).")
+            raise MitigationError("The block outputs were captured for other texts than these; capture them for the texts being scored.")
         with steer(reward_model, intervention):
-            rewards = rewards_from_block_outputs(reward_model, block_outputs)
-        gaps = rewards[: 2 * n] - rewards[2 * n :]
-        return gaps[:n], gaps[n:]
+            return rewards_from_block_outputs(reward_model, block_outputs)
     with steer(reward_model, intervention):
         with (cache_factory() if cache_factory else contextlib.nullcontext()) as cache:
-            scores = reward_model.score_pairs(list(cases.originals) + list(cases.perturbed), batch_size=batch_size,
-                                              cache=cache, progress=False)
-    return scores.reward_gap[:n], scores.reward_gap[n:]
+            return reward_model.score_conversations(conversations, batch_size=batch_size, cache=cache, progress=False).rewards
+
+
+def steered_gaps(reward_model, intervention, cases: MitigationCases, *, batch_size: int = 16, cache_factory=None,
+                 block_outputs: BlockOutputs | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reward gaps of the cases' benign and perturbed pairs with ``intervention`` applied.
+
+    ``block_outputs`` come from :func:`capture_case_outputs` for these cases and ``cache_factory``
+    is as in :func:`steered_rewards`.
+    """
+    n = len(cases)
+    rewards = steered_rewards(reward_model, intervention, case_conversations(cases), batch_size=batch_size,
+                              block_outputs=block_outputs, cache_factory=cache_factory)
+    gaps = rewards[: 2 * n] - rewards[2 * n :]
+    return gaps[:n], gaps[n:]

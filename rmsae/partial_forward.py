@@ -76,13 +76,16 @@ def capture_block_outputs(
     batch_size: int = 16,
     padding_side: str = "right",
     verify: bool = True,
+    max_bytes: int | None = None,
     progress: bool = True,
 ) -> BlockOutputs:
     """Run ``conversations`` once and keep block ``layer``'s per-token output, on the CPU.
 
     Repeated texts are run once. With ``verify``, the first batch is replayed without edits and its
     rewards compared with the full forward's. A difference above ``REPLAY_TOLERANCE`` raises
-    :class:`PartialForwardError`, because the replay would then score a different model.
+    :class:`PartialForwardError`, because the replay would then score a different model. So does a
+    store that would exceed ``max_bytes`` (tokens × hidden size × bytes per value, estimated from
+    the tokenised texts before any forward).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -101,6 +104,15 @@ def capture_block_outputs(
     unique_row = {key: row for row, key in enumerate(unique)}
     encoded = [reward_model.encode(rendered[first_index[key]]) for key in unique]
     order = sorted(range(len(unique)), key=lambda row: len(encoded[row]), reverse=True)
+    if max_bytes is not None:
+        parameter = next(reward_model.model.parameters())
+        value_bytes = 2 if reward_model.autocast_dtype else parameter.element_size()
+        estimate = sum(len(item) for item in encoded) * reward_model.hidden_size * value_bytes
+        if estimate > max_bytes:
+            raise PartialForwardError(
+                f"Storing block {layer}'s outputs of {len(unique)} texts would take about {estimate / 2**30:.1f} GiB, "
+                f"above the limit of {max_bytes / 2**30:.1f} GiB; raise the limit or score with full forwards."
+            )
 
     pad_id = reward_model.tokenizer.pad_token_id
     unique_rewards = np.zeros(len(unique), dtype=np.float64)

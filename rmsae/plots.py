@@ -302,3 +302,57 @@ def mitigation_by_layer(frame):
         axis.set_ylim(-0.02, 1.02)
     axes[-1].legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
     return figure
+
+
+def utility_bars(frame):
+    """Official benchmark score per subset, one bar per method; ``frame`` is :func:`rmsae.rewardbench.score_table`'s output."""
+    import seaborn as sns
+
+    subsets = list(dict.fromkeys(frame["subset"]))
+    figure, axis = _figure(width=max(6.0, 1.6 * len(subsets) + 2.5), height=3.6)
+    sns.barplot(data=frame, x="subset", y="official", hue="method", order=subsets, ax=axis)
+    axis.set_xlabel("")
+    axis.set_ylabel("official score")
+    axis.set_ylim(0, 1)
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.02, 1), fontsize="small", title=None)
+    return figure
+
+
+def utility_change_by_layer(frame):
+    """Change of the overall official score against the plain model, per method against layer, one panel per model."""
+    models = list(dict.fromkeys(frame["model"]))
+    figure, axes = _figure(width=4.0 * len(models), height=3.4, ncols=len(models))
+    axes = np.atleast_1d(axes)
+    for axis, model in zip(axes, models):
+        subset = frame[frame["model"] == model].sort_values("layer")
+        for method, rows in subset.groupby("method", sort=False):
+            axis.plot(rows["layer"], rows["change"], marker="o", label=method)
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.set_title(model)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("overall score − base")
+        axis.set_xticks(sorted(subset["layer"].unique()))
+    axes[-1].legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    return figure
+
+
+def activation_rate_panels(statistics, *, benign: str = "benign", perturbed: str = "perturbed"):
+    """Activation rate of every latent on benign and perturbed texts, sorted by the benign rate; chosen and rejected panels.
+
+    ``statistics`` is :func:`rmsae.features.latent_statistics` output with groups
+    ``{benign,perturbed}_{chosen,rejected}``. Perturbed rates are thin vertical lines, the benign
+    curve is drawn on top, so latents that fire on perturbed texts only stand out to its right.
+    """
+    figure, axes = _figure(width=11.0, height=3.4, ncols=2)
+    for axis, side in zip(axes, ("chosen", "rejected")):
+        order = np.argsort(-statistics[f"{benign}_{side}_rate"].to_numpy(), kind="stable")
+        ranks = np.arange(len(order))
+        axis.vlines(ranks, 0, statistics[f"{perturbed}_{side}_rate"].to_numpy()[order], color="#E377C2", linewidth=0.4,
+                    alpha=0.7, label="perturbed")
+        axis.plot(ranks, statistics[f"{benign}_{side}_rate"].to_numpy()[order], color="#1F77B4", linewidth=2, label="benign")
+        axis.set_title(f"{side} responses")
+        axis.set_xlabel(f"latent, sorted by benign {side} activation rate")
+        axis.set_ylabel("activation rate")
+        axis.set_ylim(0, 1.02)
+    axes[-1].legend(fontsize="small", loc="upper right")
+    return figure

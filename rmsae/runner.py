@@ -161,14 +161,19 @@ def plan_runs(
                 folder = folder_of(model, layer)
                 run = Run(profile.name, stage, model, layer, folder, _run_parameters(profile, stage, model, layer, folder))
                 for dependency in stage.after:
-                    # A per-layer stage may wait for a per-model one; both keys are tried.
-                    for key in ((dependency, model.name, layer), (dependency, model.name, None)):
-                        upstream = matrix.stages[dependency]
-                        if (upstream.scope == "model") == (key[2] is None):
-                            run.upstream_records.append(folder_of(model, key[2]) / f"{dependency}{RECORD_SUFFIX}")
-                            if key in by_key:
-                                run.depends_on.append(by_key[key])
-                            break
+                    upstream = matrix.stages[dependency]
+                    if upstream.scope == "model":
+                        upstream_layers: list[int | None] = [None]
+                    elif layer is not None:
+                        upstream_layers = [layer]
+                    else:
+                        # A per-model stage after a per-layer one waits for every layer of its model.
+                        upstream_layers = list(model.layers)
+                    for upstream_layer in upstream_layers:
+                        key = (dependency, model.name, upstream_layer)
+                        run.upstream_records.append(folder_of(model, upstream_layer) / f"{dependency}{RECORD_SUFFIX}")
+                        if key in by_key:
+                            run.depends_on.append(by_key[key])
                 by_key[(stage.name, model.name, layer)] = run
                 stage_runs.append(run)
         runs.extend(stage_runs)

@@ -408,3 +408,44 @@ def test_detection_notebook_runs_on_records(tmp_path, tiny_models):
         ("eta", -0.001), ("eta", -1.0), ("top_k", 5), ("top_k", 20), ("rc_epochs", 5), ("beta", 5.0)}
     for name in ("sae_feature_steering", "raw_feature_steering", "residual_correction"):
         assert (model_dir / "layer1" / f"{name}.safetensors").is_file()
+
+    # The utility notebook reloads the three fitted methods and scores a RewardBench 2 file with each.
+    benchmark = tmp_path / "rb2.jsonl"
+    benchmark.write_text("".join(json.dumps(item) + "\n" for item in [
+        {"id": "1", "prompt": "Name a colour.", "chosen": ["Blue."], "rejected": ["Seven.", "No.", "A dog."], "subset": "Focus"},
+        {"id": "ref:1", "prompt": "Say a prime.", "chosen": ["Two."], "rejected": ["Four.", "Nine."], "subset": "Ties"},
+        {"id": "tied:1", "prompt": "Say a prime.", "chosen": ["Two.", "Three."], "rejected": ["Four."], "subset": "Ties"},
+    ]))
+    source = tmp_path / "utility.ipynb"
+    nbformat.write(jupytext.read(Path(__file__).resolve().parents[1] / "notebooks" / "utility.py"), source)
+    utility_parameters = {key: parameters[key] for key in ("model_name", "model_tag", "layer", "sae", "batch_size")}
+    utility_parameters.update(results_path=str(model_dir / "layer1" / "utility.json"), benchmark="rewardbench2", benchmark_path=str(benchmark))
+    papermill.execute_notebook(str(source), str(tmp_path / "out_utility.ipynb"), parameters=utility_parameters, kernel_name="python3",
+                               progress_bar=False, cwd=str(tmp_path))
+    utility = json.loads((model_dir / "layer1" / "utility.json").read_text())
+    assert utility["prompts"] == 3
+    assert utility["completions"] == 4 + 3 + 3
+    assert set(utility["methods"]) == {"base", "SAE FS, η = 1 (control)", "SAE FS, η = -0.001", "SAE RC", "Raw FS, β = 5"}
+    from rmsae.rewardbench import flatten_conversations, load_rewardbench2, official_scores, split_scores
+
+    prompts = load_rewardbench2(benchmark)
+    rewards = load_reward_model(model_path).score_conversations(flatten_conversations(prompts), progress=False).rewards
+    expected = official_scores(prompts, split_scores(prompts, rewards))
+    assert utility["methods"]["base"]["official"]["overall"] == pytest.approx(expected["overall"], abs=1e-6)
+    assert utility["partial_forward"] is True
+
+    # The feature analysis counts activation rates over all cases and inspects the top-ranked latents.
+    source = tmp_path / "features.ipynb"
+    nbformat.write(jupytext.read(Path(__file__).resolve().parents[1] / "notebooks" / "features.py"), source)
+    feature_parameters = {key: parameters[key] for key in ("model_name", "model_tag", "layer", "sae", "batch_size")}
+    feature_parameters.update(results_path=str(model_dir / "layer1" / "features.json"), top_latents=6, inspected_latents=2,
+                              examples_per_latent=3)
+    papermill.execute_notebook(str(source), str(tmp_path / "out_features.ipynb"), parameters=feature_parameters, kernel_name="python3",
+                               progress_bar=False, cwd=str(tmp_path))
+    features = json.loads((model_dir / "layer1" / "features.json").read_text())
+    assert features["cases"] == results["cases"]
+    assert features["latents"] == 256
+    assert len(features["top_latents"]) == 6
+    assert len(features["examples"]) == 2 * 3
+    statistics = (model_dir / "layer1" / "feature_statistics.csv").read_text().splitlines()
+    assert len(statistics) == 1 + 256

@@ -88,7 +88,7 @@ def test_steered_gaps_resume_from_case_outputs(tiny_models):
     with pytest.raises(MitigationError, match="layer 1, but"):
         steered_gaps(reward_model, RawFeatureSteering(raw.direction, layer=0), cases, block_outputs=outputs)
     other = MitigationCases(cases.case_ids[:3], cases.attack_types[:3], cases.originals[:3], cases.perturbed[:3])
-    with pytest.raises(MitigationError, match="other texts"):
+    with pytest.raises(MitigationError, match="other texts than these"):
         steered_gaps(reward_model, raw, other, block_outputs=outputs)
 
 
@@ -171,3 +171,14 @@ def test_replay_of_tuple_blocks():
         resumed = model(torch.full_like(inputs, float("nan")))
     torch.testing.assert_close(resumed, expected)
     assert not torch.isnan(model(inputs)).any()
+
+
+def test_capture_limit_falls_back(tiny_models, caplog):
+    from rmsae.mitigation import try_capture_block_outputs
+
+    reward_model = load_reward_model(str(tiny_models["llama"]), input_format="chat_template")
+    with pytest.raises(PartialForwardError, match="above the limit"):
+        capture_block_outputs(reward_model, conversations(), 1, max_bytes=1000, progress=False)
+    assert try_capture_block_outputs(reward_model, conversations(), 1, max_bytes=1000) is None
+    assert "full forwards" in caplog.text
+    assert try_capture_block_outputs(reward_model, conversations(), 1, max_bytes=10**9) is not None

@@ -221,7 +221,7 @@ def edit_matrix(path: Path, edit) -> None:
         (lambda d: d["stages"]["probe"]["parameters"].update(layer=1), "stages.probe.parameters.layer: set by the runner"),
         (lambda d: d["stages"]["probe"].update(timeout="soon"), "stages.probe.timeout must be an integer, got 'soon'"),
         (lambda d: d["stages"]["layered"].update(after=["nothing"]), "stages.layered.after: no stage named 'nothing'"),
-        (lambda d: d["stages"]["probe"].update(after=["layered"]), "a per-model stage cannot wait for the per-layer stage"),
+        (lambda d: d["stages"]["probe"].update(after=["layered"]), "form a cycle"),
         (lambda d: d["profiles"]["t"]["models"]["alpha"].update(layers="one"), r"profiles.t.models.alpha.layers\[0\] must be an integer"),
         (lambda d: d["profiles"]["t"]["models"]["alpha"].update(layers=[1, 1]), r"layers: \[1, 1\] repeats a layer"),
         (lambda d: d["profiles"]["t"]["models"]["alpha"].pop("source"), "'alpha' is not a registered model tag; add 'source:'"),
@@ -410,6 +410,21 @@ def test_runner_rejects_unknown_selection(tmp_path):
         execute_runs([], jobs=0)
 
 
+def test_model_stage_waits_for_every_layer(tmp_path):
+    path = write_project(tmp_path)
+    document = yaml.safe_load(path.read_text())
+    document["stages"]["summary"] = {"notebook": "notebooks/probe.py", "scope": "model", "after": ["layered"], "timeout": 120}
+    document["profiles"]["t"]["models"]["alpha"]["layers"] = [0, 1]
+    (tmp_path / "saes" / "alpha_layer1").mkdir()
+    (tmp_path / "saes" / "alpha_layer1" / "cfg.json").write_text("{}")
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    runs = plan_runs(load_matrix(path), "t")
+    summary = next(run for run in runs if run.name == "t/alpha/summary")
+    assert sorted(run.name for run in summary.depends_on) == ["t/alpha/layer0/layered", "t/alpha/layer1/layered"]
+    assert len(summary.upstream_records) == 2
+    assert runs.index(summary) > max(runs.index(run) for run in summary.depends_on)
+
+
 def test_parallel_jobs_respect_dependencies(tmp_path):
     path = write_project(tmp_path)
     runs = execute_runs(plan_runs(load_matrix(path), "t"), jobs=2)
@@ -426,8 +441,12 @@ def test_repository_matrix_profiles():
     matrix = load_matrix(REPO / "experiments.yml")
     demo = plan_runs(matrix, "demo")
     paper = plan_runs(matrix, "paper")
-    assert len(demo) == 2 + 1 + 8 + 1 + 2 + 1 + 8 + 1 + 8 + 1
-    assert len(paper) == 4 + 1 + 16 + 1 + 4 + 1 + 16 + 1 + 16 + 1
+    # reward_model, sae, perturbations, detection, mitigation, utility, features and deviations, each with its page.
+    assert len(demo) == 2 + 1 + 8 + 1 + 2 + 1 + 8 + 1 + 8 + 1 + 8 + 1 + 8 + 1 + 2 + 1
+    assert len(paper) == 4 + 1 + 16 + 1 + 4 + 1 + 16 + 1 + 16 + 1 + 16 + 1 + 16 + 1 + 4 + 1
+    utility = [run for run in demo if run.stage.name == "utility" and not run.is_page]
+    assert {run.parameters["benchmark"] for run in utility} == {"demo"}
+    assert {run.parameters["benchmark"] for run in paper if run.stage.name == "utility" and not run.is_page} == {"rewardbench2"}
     sae_runs = [run for run in paper if run.stage.name == "sae" and not run.is_page]
     assert {(run.model.name, run.layer) for run in sae_runs} == {
         (tag, layer) for tag in ("beaver-2-7b", "llama-7b-poisoned", "llama-3-8b", "qwen-3-4b") for layer in (4, 12, 20, 28)
