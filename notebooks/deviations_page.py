@@ -16,8 +16,9 @@
 # The scripts released with Liu et al. (arXiv 2605.16339) contain defects that change the numbers
 # they report. Where this companion corrects one, the corrected behaviour is the default and the
 # authors' behaviour is one switch away, so the two can be compared. The table lists each such
-# defect, what it does, our default and the switch; the last column is measured on this profile's
-# runs where a run measures it (the stage it comes from is named), and left empty otherwise.
+# defect, our default and the switch that restores the authors' behaviour. The last column gives
+# the effect measured on this profile's runs, with the stage that measured it, and is empty where no
+# run measures the defect.
 # The sections after the table show the measurements in detail; the per-model notebooks after
 # this page measure the safe-rlhf prompt prefix.
 
@@ -37,6 +38,7 @@ globals().update(check_all(globals(), PAGE_PARAMETERS))
 # %%
 import numpy as np
 import pandas as pd
+from IPython.display import display
 
 from rmsae.experiments import collect_results, finished_runs, save_results, table
 
@@ -121,8 +123,7 @@ deviations = pd.DataFrame([
     {"defect": "RewardBench 2 evaluation retrains every defence at 4,096 tokens instead of reusing the fitted ones",
      "our default": "the utility stage reloads the mitigation stage's saved interventions", "authors' behaviour": "none", "measured": ""},
 ])
-with pd.option_context("display.max_colwidth", 200):
-    table(deviations)
+display(table(deviations))
 
 # %% [markdown]
 # ## Split leakage, per run
@@ -133,14 +134,15 @@ with pd.option_context("display.max_colwidth", 200):
 
 # %%
 if len(detection):
-    table(detection[["model", "layer", "sae_roc_auc", "sae_ungrouped_roc_auc", "raw_roc_auc", "raw_ungrouped_roc_auc"]]
-          .sort_values(["model", "layer"]))
+    display(table(detection[["model", "layer", "sae_roc_auc", "sae_ungrouped_roc_auc", "raw_roc_auc", "raw_ungrouped_roc_auc"]]
+                  .sort_values(["model", "layer"])))
 
 # %% [markdown]
 # ## The safe-rlhf prefix, per model
 
 # %%
 if len(prefix_runs):
-    table(prefix_runs[["model", "registered_format", "pairs", "prefix_reversed_share", "prefix_accuracy_change", "prefix_gap_correlation"]])
+    display(table(prefix_runs[["model", "registered_format", "pairs", "prefix_reversed_share", "prefix_accuracy_change",
+                               "prefix_gap_correlation"]]))
 results_file = save_results(results_path, {"runs": len(runs), "finished": len(prefix_runs),
                                            "deviations": deviations.to_dict(orient="records")})

@@ -16,9 +16,8 @@
 # What separates perturbed from benign texts inside the SAE at this layer. For every latent: how
 # often it fires (its mean-pooled code is above `activation_threshold`) on benign and on perturbed
 # texts, separately for chosen and rejected responses. Then the latents that SAE Feature Steering
-# ranked highest on the training cases, with their statistics, and the texts and tokens on which
-# each of the first few reaches its largest activation, so a reader can see what an "unstable
-# feature" responds to.
+# ranked highest on the training cases, with their statistics. Last, the texts and tokens on which
+# each of the first few reaches its largest activation show what an "unstable feature" responds to.
 
 # %% tags=["parameters", "remove-cell"]
 profile = "demo"
@@ -59,6 +58,7 @@ run_dir = results_path.parent
 # %%
 import numpy as np
 import pandas as pd
+from IPython.display import display
 
 from rmsae.cache import ActivationCache
 from rmsae.detection import SplitManifest
@@ -127,7 +127,7 @@ table(top, ["rank", "latent", "score", "benign_mean", "perturbed_mean", "benign_
 # ## What the top latents respond to
 #
 # For each of the first latents above, the texts of the test cases (benign and perturbed, chosen and
-# rejected) on which it reaches its largest per-token activation; the token is marked `[[ ]]` in a
+# rejected) on which it reaches its largest per-token activation. The token is marked `[[ ]]` in a
 # window of its neighbours.
 
 # %%
@@ -141,8 +141,7 @@ for variant, pairs in (("benign", test_cases.originals), ("perturbed", test_case
 inspected = [int(latent) for latent in ranked[:inspected_latents]]
 examples = top_activations(reward_model, loaded, texts, inspected, top_n=examples_per_latent, batch_size=batch_size, progress=False)
 examples = pd.concat([examples, pd.DataFrame([labels[index] for index in examples["text"]])], axis=1)
-with pd.option_context("display.max_colwidth", 120):
-    table(examples, ["latent", "rank", "variant", "side", "attack_type", "activation", "context"])
+display(table(examples, ["latent", "rank", "variant", "side", "attack_type", "activation", "context"]))
 perturbed_share = float((examples["variant"] == "perturbed").mean())
 print(f"{perturbed_share:.0%} of these top activations are on perturbed texts (the test texts are half perturbed).")
 

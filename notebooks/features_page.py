@@ -33,6 +33,7 @@ globals().update(check_all(globals(), PAGE_PARAMETERS))
 
 # %%
 import pandas as pd
+from IPython.display import display
 
 from rmsae.experiments import finished_runs, save_results, table
 
@@ -59,6 +60,5 @@ examples = pd.DataFrame([
     for _, row in finished.iterrows() for example in row["examples"] if example["latent"] == row["top_latents"][0]["latent"]
 ])
 if len(examples):
-    with pd.option_context("display.max_colwidth", 120):
-        table(examples, ["model", "layer", "latent", "rank", "variant", "side", "attack_type", "activation", "context"])
+    display(table(examples, ["model", "layer", "latent", "rank", "variant", "side", "attack_type", "activation", "context"]))
 results_file = save_results(results_path, {"runs": len(runs), "finished": len(finished)})

@@ -19,14 +19,14 @@
 #
 # - `benchmark = "rewardbench2"`: RewardBench 2 (`allenai/reward-bench-2`, or a local copy in the
 #   hub schema), with two scores side by side. The **official** score credits a prompt `1/k` when
-#   its correct completion has the highest reward and `k` completions share it; the Ties subset has
-#   its own composite rule; the overall score is the mean of the subset scores. The **authors'
+#   its correct completion has the highest reward and `k` completions share it. The Ties subset has
+#   its own composite rule, and the overall score is the mean of the subset scores. The **authors'
 #   rule** counts a prompt as correct when every correct completion outscores every incorrect one,
 #   micro-averaged over prompts. `rmsae.rewardbench` documents both, with the RewardBench code
 #   version they follow.
 # - `benchmark = "demo"`: RewardBench 2 needs the hub, so the demo profile measures the same on what
-#   it has, in the same layout: held-out HH-RLHF harmless pairs that no intervention was fitted on
-#   (one correct and one incorrect completion each) and TruthfulQA questions, a task the demo reward
+#   it has, in the same layout: held-out HH-RLHF harmless pairs that the perturbation stage never
+#   used (one correct and one incorrect completion each) and TruthfulQA questions, a task the demo reward
 #   models were not trained for (the best answer against three incorrect answers, the layout of
 #   RewardBench 2's non-Ties subsets).
 
@@ -67,12 +67,10 @@ globals().update(check_all(globals(), {
 run_dir = results_path.parent
 
 # %%
-import numpy as np
 import pandas as pd
 
 from rmsae.cache import ActivationCache
-from rmsae.detection import SplitManifest
-from rmsae.experiments import load_run_pairs, load_run_sae, save_results, show, table
+from rmsae.experiments import load_run_pairs, load_run_records, load_run_sae, save_results, show, table
 from rmsae.mitigation import MitigationError, RawFeatureSteering, ResidualCorrection, SAEFeatureSteering, steered_rewards, try_capture_block_outputs
 from rmsae.plots import utility_bars
 from rmsae.reward_model import load_reward_model
@@ -94,11 +92,15 @@ correction = ResidualCorrection.load(run_dir / "residual_correction", sae=loaded
 if benchmark == "rewardbench2":
     prompts = load_rewardbench2(benchmark_path, limit=limit)
 else:
-    # Held-out HH pairs minus the cases the interventions were fitted or validated on.
-    manifest = SplitManifest.load(run_dir / "detection_split.json")
-    fitted_cases = {case for case, side in manifest.assignments.items() if side != "test"}
-    held_out = [pair for pair in load_run_pairs(data, split) if pair.case_id not in fitted_cases][:hh_prompts]
-    prompts = prompts_from_pairs(held_out, "HH harmless (held out)") + prompts_from_truthfulqa(limit=truthfulqa_prompts, seed=seed)
+    # Held-out HH pairs and TruthfulQA questions that the perturbation stage never touched, whichever
+    # data this run's interventions were fitted on. Leaving out only the fitted cases would bias the
+    # sample, because only pairs the model ranked correctly can be successfully perturbed.
+    perturbed = [record.original for record in load_run_records(run_dir.parent)]
+    perturbed_cases = {pair.case_id for pair in perturbed}
+    perturbed_prompts = {pair.prompt for pair in perturbed}
+    held_out = [pair for pair in load_run_pairs("hh-rlhf", "demo-eval") if pair.case_id not in perturbed_cases][:hh_prompts]
+    questions = [prompt for prompt in prompts_from_truthfulqa(seed=seed) if prompt.prompt not in perturbed_prompts][:truthfulqa_prompts]
+    prompts = prompts_from_pairs(held_out, "HH harmless (held out)") + questions
 conversations = flatten_conversations(prompts)
 counts = pd.Series([p.subset for p in prompts]).value_counts()
 print(f"{len(prompts)} prompts, {len(conversations)} completions: " + ", ".join(f"{n} {subset}" for subset, n in counts.items()) + ".")
@@ -146,7 +148,7 @@ table(results.pivot(index="subset", columns="method", values="authors_rule")[lis
 # %% [markdown]
 # ## Change against the plain reward model
 #
-# Official score per subset, each method's bar next to the plain model's; a defence that keeps the
+# Official score per subset, each method's bar next to the plain model's. A defence that keeps the
 # reward model's utility leaves its bars level with `base`.
 
 # %%

@@ -35,6 +35,7 @@ globals().update(check_all(globals(), PAGE_PARAMETERS))
 
 # %%
 import pandas as pd
+from IPython.display import display
 
 from rmsae.experiments import finished_runs, save_results, show, table
 from rmsae.plots import utility_change_by_layer
@@ -72,5 +73,5 @@ subsets = pd.DataFrame([
     for subset, entry in scores["official"]["subsets"].items()
 ])
 if len(subsets):
-    table(subsets.pivot_table(index=["model", "layer", "subset"], columns="method", values="score", sort=False).reset_index())
+    display(table(subsets.pivot_table(index=["model", "layer", "subset"], columns="method", values="score", sort=False).reset_index()))
 results_file = save_results(results_path, {"runs": len(runs), "finished": len(finished)})

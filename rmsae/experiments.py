@@ -73,11 +73,16 @@ def load_run_pairs(data: str, split: str = "all", limit: int | None = None) -> l
 
 
 def load_run_sae(sae: str, model_name: str, layer: int, d_model: int):
-    """Load the SAE a per-layer run names: ``released`` (``$SAE_CHECKPOINT`` or the hub) or a folder."""
+    """Load the SAE a per-layer run names: ``released`` (``$SAE_CHECKPOINT`` or the hub) or a folder.
+
+    ``released:NAME`` loads the released SAE of model ``NAME`` instead of ``model_name``'s, for a
+    matrix entry that runs a registered model on other data.
+    """
     from .sae import load_sae
 
-    if sae == "released":
-        return load_sae(None, subfolder=f"{model_name}_layer{layer}", layer=layer, d_model=d_model)
+    if sae == "released" or sae.startswith("released:"):
+        owner = sae.partition(":")[2] or model_name
+        return load_sae(None, subfolder=f"{owner}_layer{layer}", layer=layer, d_model=d_model)
     return load_sae(sae, layer=layer, d_model=d_model)
 
 

@@ -27,7 +27,7 @@ def activation_rates(codes: np.ndarray, threshold: float = 0.0) -> np.ndarray:
 
 
 def latent_statistics(groups: dict[str, np.ndarray], threshold: float = 0.0) -> pd.DataFrame:
-    """One row per latent: activation rate, mean and standard deviation of the pooled code in each group.
+    """Summarise each latent in one row: activation rate, mean and standard deviation of the pooled code per group.
 
     ``groups`` maps a group name (for example ``benign_chosen``) to its (texts, latents) codes; all
     groups need the same number of latents.
@@ -56,7 +56,7 @@ def top_activations(
     batch_size: int = 16,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """The ``top_n`` texts on which each latent reaches its largest per-token activation, with that token in context.
+    """Find the ``top_n`` texts on which each latent reaches its largest per-token activation, and show that token in context.
 
     Each row gives the latent, the rank, the text's index in ``conversations``, the activation, the
     token and ``context_tokens`` tokens on each side, with the token marked as ``[[token]]``.

@@ -13,7 +13,9 @@ The matrix is a YAML file (``experiments.yml`` at the repository root) with two 
     ``demo-eval``, the held-out half of the demo split), ``limit`` (pairs, or null), ``models`` and
     ``parameters`` (per-stage overrides). Each model entry gives ``layers``, ``sae`` (``demo``,
     ``released``, or a folder template with ``{model}`` and ``{layer}``) and optionally ``source``
-    (a local checkpoint or hub id when the key is not a registered tag).
+    (a local checkpoint, hub id or registered tag when the key is not a registered tag), ``data``
+    and ``split`` (overriding the profile's for this entry). An entry whose ``source`` is a
+    registered tag uses that model's SAEs, so one model can run on several data sets.
 
 :func:`load_matrix` validates everything it can without loading a model, and names the entry at
 fault in each error.
@@ -38,7 +40,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 _STAGE_KEYS = {"notebook", "page", "scope", "after", "timeout", "parameters", "description"}
 _PROFILE_KEYS = {"description", "prepare", "data", "split", "limit", "models", "parameters"}
-_MODEL_KEYS = {"layers", "sae", "source"}
+_MODEL_KEYS = {"layers", "sae", "source", "data", "split"}
 
 
 class MatrixError(ValueError):
@@ -63,6 +65,19 @@ class ModelEntry:
     source: str
     layers: tuple[int, ...]
     sae: str
+    data: str | None = None
+    split: str | None = None
+
+    @property
+    def sae_model(self) -> str:
+        """Model name of the SAE folders and hub subfolders: the source when it is a registered tag, else the entry name.
+
+        So an entry that runs a registered model on other data (``source: demo-minilm-hh``,
+        ``data: truthfulqa``) uses that model's SAEs.
+        """
+        from .registry import get_spec
+
+        return self.source if self.source != self.name and get_spec(self.source) is not None else self.name
 
 
 @dataclass(frozen=True)
@@ -234,7 +249,9 @@ def _parse_model(name: str, entry: Any, where: str, root: Path) -> ModelEntry:
         )
     if sae not in ("demo", "released") and not Path(sae).expanduser().is_absolute():
         sae = str(root / sae)
-    return ModelEntry(name, source, tuple(layers), sae)
+    data = _rooted(_coerce(f"{where}.data", entry["data"], "str"), root) if "data" in entry else None
+    split = _coerce(f"{where}.split", entry["split"], "str", choices=SPLITS) if "split" in entry else None
+    return ModelEntry(name, source, tuple(layers), sae, data, split)
 
 
 def _parse_profile(

@@ -589,7 +589,7 @@ def load_fitted(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def recovery_rate(gap: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Diff-recovery rate: ``gap / reference``, 0 where |reference| < 1e-6."""
+    """Diff-recovery rate: ``gap / reference``, 0 where ``abs(reference) < 1e-6``."""
     gap, reference = np.asarray(gap, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     safe = np.abs(reference) >= 1e-6
     return np.where(safe, gap / np.where(safe, reference, 1.0), 0.0)
@@ -666,7 +666,10 @@ def evaluate_gaps(gaps: GapsBeforeAfter, *, n_resamples: int = 1000, seed: int =
 
 
 def case_conversations(cases: MitigationCases) -> list:
-    """The cases' texts in the order :func:`steered_gaps` scores them: chosen then rejected sides of originals, then perturbed."""
+    """Return the cases' texts in the order :func:`steered_gaps` scores them: chosen sides, then rejected sides.
+
+    Within each side the original pairs come first, then the perturbed ones.
+    """
     pairs = list(cases.originals) + list(cases.perturbed)
     return [pair.conversation("chosen") for pair in pairs] + [pair.conversation("rejected") for pair in pairs]
 
@@ -676,7 +679,7 @@ def try_capture_block_outputs(reward_model, conversations: Sequence, layer: int,
     """Store block ``layer``'s per-token outputs of ``conversations``, for steered scoring to resume from.
 
     Returns None, with a warning, when the model's forward cannot be resumed from a block output or
-    the outputs would take more than ``max_bytes``; steering then runs full forwards.
+    the outputs would take more than ``max_bytes``. Steering then runs full forwards.
     """
     try:
         return capture_block_outputs(reward_model, conversations, layer, batch_size=batch_size, max_bytes=max_bytes,
@@ -688,7 +691,7 @@ def try_capture_block_outputs(reward_model, conversations: Sequence, layer: int,
 
 def capture_case_outputs(reward_model, cases: MitigationCases, layer: int, *, batch_size: int = 16, max_bytes: int | None = None,
                          progress: bool = False) -> BlockOutputs | None:
-    """Block ``layer``'s per-token outputs of the cases' texts, for :func:`steered_gaps`; None as in :func:`try_capture_block_outputs`."""
+    """Store block ``layer``'s per-token outputs of the cases' texts for :func:`steered_gaps`, or return None as :func:`try_capture_block_outputs` does."""
     return try_capture_block_outputs(reward_model, case_conversations(cases), layer, batch_size=batch_size, max_bytes=max_bytes,
                                      progress=progress)
 
@@ -700,7 +703,7 @@ def steered_rewards(reward_model, intervention, conversations: Sequence, *, batc
     With ``block_outputs`` captured for these texts at the intervention's layer, only the blocks
     after it are run; otherwise every text gets a full forward. ``cache_factory``, when given, is
     called inside the intervention context and returns an open activation cache for the steered
-    model (``lambda: ActivationCache(reward_model.cache_namespace())``); it applies to full forwards only.
+    model (``lambda: ActivationCache(reward_model.cache_namespace())``). Only full forwards use it.
     """
     if block_outputs is not None:
         if block_outputs.layer != intervention.layer:

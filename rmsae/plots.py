@@ -163,7 +163,7 @@ def success_rates(frame, *, value: str = "success_rate_on_correct"):
     return figure
 
 
-def roc_curves(samples: dict[str, pandas.DataFrame]):
+def roc_curves(samples: dict[str, "pandas.DataFrame"]):
     """ROC curve per feature type from its test samples (columns ``label`` and ``probability``), with the AUC in the legend."""
     from sklearn.metrics import roc_auc_score, roc_curve
 

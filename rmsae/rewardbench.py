@@ -181,7 +181,7 @@ def _parse_record(record: Any, location: str) -> BenchmarkPrompt:
 
 
 def flatten_conversations(prompts: Sequence[BenchmarkPrompt]) -> list[tuple[Turn, ...]]:
-    """Every completion of every prompt as a conversation, prompt by prompt (chosen before rejected)."""
+    """Return every completion of every prompt as a conversation, prompt by prompt (chosen before rejected)."""
     return [conversation for prompt in prompts for conversation in prompt.conversations()]
 
 
@@ -262,7 +262,10 @@ def official_scores(prompts: Sequence[BenchmarkPrompt], scores: Sequence[np.ndar
 
 
 def authors_scores(prompts: Sequence[BenchmarkPrompt], scores: Sequence[np.ndarray]) -> dict[str, Any]:
-    """The authors' rule: correct when every chosen score exceeds every rejected one; overall micro-averaged."""
+    """Score with the authors' rule: a prompt is correct when every chosen score exceeds every rejected one.
+
+    The overall accuracy is micro-averaged over prompts.
+    """
     _check_scores(prompts, scores)
     subsets: dict[str, dict[str, Any]] = {}
     for prompt, values in zip(prompts, scores):
@@ -276,7 +279,7 @@ def authors_scores(prompts: Sequence[BenchmarkPrompt], scores: Sequence[np.ndarr
 
 
 def score_table(prompts: Sequence[BenchmarkPrompt], scores_by_method: Mapping[str, Sequence[np.ndarray]]):
-    """One row per (method, subset) plus an ``Overall`` row per method: official score and authors' accuracy."""
+    """Tabulate the official score and the authors' accuracy: one row per (method, subset) and an ``Overall`` row per method."""
     import pandas as pd
 
     rows = []

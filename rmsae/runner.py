@@ -103,10 +103,10 @@ def sae_argument(model: ModelEntry, layer: int) -> str:
     if model.sae == "demo":
         from .demo import demo_sae_dir
 
-        return str(demo_sae_dir(model.name, layer))
+        return str(demo_sae_dir(model.sae_model, layer))
     if model.sae == "released":
-        return "released"
-    return model.sae.format(model=model.name, layer=layer)
+        return "released" if model.sae_model == model.name else f"released:{model.sae_model}"
+    return model.sae.format(model=model.sae_model, layer=layer)
 
 
 def plan_runs(
@@ -197,8 +197,8 @@ def _run_parameters(profile: Profile, stage: Stage, model: ModelEntry, layer: in
         profile=profile.name,
         model_name=model.name,
         model_tag=model.source,
-        data=profile.data,
-        split=profile.split,
+        data=model.data or profile.data,
+        split=model.split or profile.split,
         limit=profile.limit,
         results_path=str(folder / f"{stage.name}.json"),
     )
@@ -256,12 +256,12 @@ def model_fingerprint(source: str) -> Any:
 
 
 def _sae_fingerprint(sae: str, model: ModelEntry, layer: int) -> Any:
-    if sae == "released":
+    if sae.split(":")[0] == "released":
         checkpoint = os.environ.get("SAE_CHECKPOINT")
         if not checkpoint:
-            return f"hub:{model.name}_layer{layer}"
+            return f"hub:{model.sae_model}_layer{layer}"
         folder = Path(checkpoint)
-        sub = folder / f"{model.name}_layer{layer}"
+        sub = folder / f"{model.sae_model}_layer{layer}"
         folder = sub if sub.is_dir() else folder
     else:
         folder = Path(sae)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from rmsae.features import activation_rates, latent_statistics, top_activations
 from rmsae.reward_model import load_reward_model

@@ -425,6 +425,28 @@ def test_model_stage_waits_for_every_layer(tmp_path):
     assert runs.index(summary) > max(runs.index(run) for run in summary.depends_on)
 
 
+def test_entry_runs_registered_model_on_other_data(tmp_path):
+    path = write_project(tmp_path)
+    document = yaml.safe_load(path.read_text())
+    document["profiles"]["t"]["models"] = {
+        "beaver-2-7b": {"layers": [0], "sae": "released"},
+        "beaver-tqa": {"source": "beaver-2-7b", "data": "truthfulqa", "split": "all", "layers": [0], "sae": "released"},
+        "beaver-local": {"source": "beaver-2-7b", "layers": [0], "sae": "saes/{model}_layer{layer}"},
+    }
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    runs = {run.name: run.parameters for run in plan_runs(load_matrix(path), "t") if not run.is_page}
+    assert runs["t/beaver-2-7b/layer0/layered"]["sae"] == "released"
+    assert runs["t/beaver-2-7b/layer0/layered"]["data"].endswith("pairs.jsonl")
+    tqa = runs["t/beaver-tqa/layer0/layered"]
+    assert (tqa["model_tag"], tqa["data"], tqa["split"], tqa["sae"]) == ("beaver-2-7b", "truthfulqa", "all", "released:beaver-2-7b")
+    assert runs["t/beaver-local/layer0/layered"]["sae"].endswith("saes/beaver-2-7b_layer0")
+
+    document["profiles"]["t"]["models"]["beaver-tqa"]["split"] = "half"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    with pytest.raises(MatrixError, match="beaver-tqa.split must be one of all, demo-eval"):
+        load_matrix(path)
+
+
 def test_parallel_jobs_respect_dependencies(tmp_path):
     path = write_project(tmp_path)
     runs = execute_runs(plan_runs(load_matrix(path), "t"), jobs=2)
@@ -438,11 +460,17 @@ def test_parallel_jobs_respect_dependencies(tmp_path):
 
 
 def test_repository_matrix_profiles():
+    from rmsae.demo import demo_sae_dir
+
     matrix = load_matrix(REPO / "experiments.yml")
     demo = plan_runs(matrix, "demo")
     paper = plan_runs(matrix, "paper")
     # reward_model, sae, perturbations, detection, mitigation, utility, features and deviations, each with its page.
-    assert len(demo) == 2 + 1 + 8 + 1 + 2 + 1 + 8 + 1 + 8 + 1 + 8 + 1 + 8 + 1 + 2 + 1
+    # Each demo model runs on HH-RLHF at four layers and on TruthfulQA at two.
+    assert len(demo) == 4 + 1 + 12 + 1 + 4 + 1 + 12 + 1 + 12 + 1 + 12 + 1 + 12 + 1 + 4 + 1
+    truthfulqa = [run.parameters for run in demo if not run.is_page and run.model.name == "demo-minilm-hh-truthfulqa"]
+    assert {(p["model_tag"], p["data"], p["split"]) for p in truthfulqa} == {("demo-minilm-hh", "truthfulqa", "all")}
+    assert {p["sae"] for p in truthfulqa if "sae" in p} == {str(demo_sae_dir("demo-minilm-hh", layer)) for layer in (2, 4)}
     assert len(paper) == 4 + 1 + 16 + 1 + 4 + 1 + 16 + 1 + 16 + 1 + 16 + 1 + 16 + 1 + 4 + 1
     utility = [run for run in demo if run.stage.name == "utility" and not run.is_page]
     assert {run.parameters["benchmark"] for run in utility} == {"demo"}
@@ -458,7 +486,7 @@ def test_repository_matrix_profiles():
     assert isinstance(first["layer"], int) and first["batch_size"] == 8
     for run in demo:
         if run.stage.name == "sae" and not run.is_page:
-            assert run.parameters["sae"].endswith(f"demo/saes/{run.model.name}_layer{run.layer}")
+            assert run.parameters["sae"].endswith(f"demo/saes/{run.model.sae_model}_layer{run.layer}")
     # Every stage has a page in the table of contents.
     toc = (REPO / "_toc.yml").read_text()
     for stage in matrix.stages:
