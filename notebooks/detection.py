@@ -35,6 +35,8 @@ data = "hh-rlhf"
 split = "demo-eval"
 limit = None
 batch_size = 32
+device = "auto"
+device_map = None
 records_dir = None
 feature_types = "sae,raw"
 case_type = "successfully_attacked"
@@ -88,8 +90,10 @@ from rmsae.experiments import load_run_records, load_run_sae, save_results, show
 from rmsae.plots import roc_curves, training_curves, transfer_heatmaps
 from rmsae.reward_model import load_reward_model
 
-reward_model = load_reward_model(model_tag)
-loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size) if "sae" in feature_types else None
+reward_model = load_reward_model(model_tag, device=device, device_map=device_map)
+loaded = None
+if "sae" in feature_types:
+    loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size, device=reward_model.block_device(layer))
 records = load_run_records(records_dir)
 with ActivationCache(reward_model.cache_namespace()) as cache:
     detection_data = build_detection_data(

@@ -29,6 +29,8 @@ data = "hh-rlhf"
 split = "demo-eval"
 limit = None
 batch_size = 32
+device = "auto"
+device_map = None
 prefix_pairs = 300
 bootstrap_samples = 1000
 seed = 0
@@ -55,11 +57,13 @@ from rmsae.experiments import load_run_pairs, save_results, table
 from rmsae.reward_model import load_reward_model
 
 pairs = load_run_pairs(data, split, limit or prefix_pairs)
-registered = load_reward_model(model_tag)
+registered = load_reward_model(model_tag, device=device, device_map=device_map)
 formats = list(dict.fromkeys([registered.spec.input_format, "safe_rlhf", "safe_rlhf_author"]))
 gaps = {}
 for input_format in formats:
-    reward_model = registered if input_format == registered.spec.input_format else load_reward_model(model_tag, input_format=input_format)
+    reward_model = registered
+    if input_format != registered.spec.input_format:
+        reward_model = load_reward_model(model_tag, input_format=input_format, device=device, device_map=device_map)
     with ActivationCache(reward_model.cache_namespace()) as cache:
         gaps[input_format] = reward_model.score_pairs(pairs, batch_size=batch_size, cache=cache, progress=False).reward_gap
 rows = []

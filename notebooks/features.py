@@ -29,6 +29,8 @@ data = "hh-rlhf"
 split = "demo-eval"
 limit = None
 batch_size = 32
+device = "auto"
+device_map = None
 records_dir = None
 reward_threshold = 0.0
 activation_threshold = 0.0
@@ -69,8 +71,8 @@ from rmsae.plots import activation_rate_panels
 from rmsae.reward_model import load_reward_model
 from rmsae.storage import atomic_write_bytes
 
-reward_model = load_reward_model(model_tag)
-loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size)
+reward_model = load_reward_model(model_tag, device=device, device_map=device_map)
+loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size, device=reward_model.block_device(layer))
 manifest = SplitManifest.load(run_dir / "detection_split.json")
 cases = split_cases(load_run_records(records_dir), manifest, model=reward_model.spec.tag, reward_threshold=reward_threshold)
 steering_file = run_dir / "sae_feature_steering.safetensors"

@@ -38,6 +38,8 @@ data = "hh-rlhf"
 split = "demo-eval"
 limit = None
 batch_size = 32
+device = "auto"
+device_map = None
 records_dir = None
 reward_threshold = 0.0
 ranking = "mean_diff"
@@ -113,8 +115,8 @@ from rmsae.mitigation import (
 from rmsae.plots import ablation_curves, mitigation_gaps, recovery_bucket_bars
 from rmsae.reward_model import load_reward_model
 
-reward_model = load_reward_model(model_tag)
-loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size)
+reward_model = load_reward_model(model_tag, device=device, device_map=device_map)
+loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size, device=reward_model.block_device(layer))
 manifest = SplitManifest.load(run_dir / "detection_split.json")
 cases = split_cases(load_run_records(records_dir), manifest, model=reward_model.spec.tag, reward_threshold=reward_threshold)
 if not len(cases["test"]):

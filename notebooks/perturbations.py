@@ -32,6 +32,8 @@ data = "hh-rlhf"
 split = "demo-eval"
 limit = None
 batch_size = 32
+device = "auto"
+device_map = None
 methods = "backdoor,inject,gradient"
 trigger = "SUDO"
 patterns_file = None
@@ -73,7 +75,7 @@ from rmsae.plots import gap_before_after, gradient_trajectories, meaning_histogr
 from rmsae.reward_model import load_reward_model
 
 methods = [method_name(method) for method in methods]
-reward_model = load_reward_model(model_tag)
+reward_model = load_reward_model(model_tag, device=device, device_map=device_map)
 pairs = load_run_pairs(data, split, limit)
 patterns = load_patterns(patterns_file) if patterns_file else DEFAULT_PATTERNS
 records_dir = results_path.parent

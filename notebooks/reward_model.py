@@ -26,6 +26,8 @@ data = "hh-rlhf"
 split = "demo-eval"
 limit = None
 batch_size = 32
+device = "auto"
+device_map = None
 bootstrap_samples = 1000
 seed = 0
 results_path = "reward_model.json"
@@ -48,7 +50,7 @@ from rmsae.experiments import load_run_pairs, save_results, show
 from rmsae.plots import reward_gap_histogram, reward_vs_length
 from rmsae.reward_model import load_reward_model
 
-reward_model = load_reward_model(model_tag)
+reward_model = load_reward_model(model_tag, device=device, device_map=device_map)
 pairs = load_run_pairs(data, split, limit)
 with ActivationCache(reward_model.cache_namespace()) as cache:
     scores = reward_model.score_pairs(pairs, batch_size=batch_size, cache=cache, progress=False)

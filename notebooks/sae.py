@@ -30,6 +30,8 @@ split = "demo-eval"
 limit = None
 activation_texts = 256
 batch_size = 32
+device = "auto"
+device_map = None
 results_path = "sae.json"
 
 # %%
@@ -48,8 +50,8 @@ from rmsae.reward_model import load_reward_model
 from rmsae.sae import splice_sae
 from rmsae.sae_training import sae_fidelity
 
-reward_model = load_reward_model(model_tag)
-loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size)
+reward_model = load_reward_model(model_tag, device=device, device_map=device_map)
+loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size, device=reward_model.block_device(layer))
 pairs = load_run_pairs(data, split, limit)
 print(f"{loaded.info.architecture} SAE with {loaded.d_sae} latents on block {layer} of {model_name} "
       f"(hidden size {reward_model.hidden_size}); {len(pairs)} pairs.")

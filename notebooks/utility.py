@@ -40,6 +40,8 @@ data = "hh-rlhf"
 split = "demo-eval"
 limit = None
 batch_size = 32
+device = "auto"
+device_map = None
 benchmark = "rewardbench2"
 benchmark_path = None
 hh_prompts = 200
@@ -79,8 +81,8 @@ from rmsae.rewardbench import (
     split_scores,
 )
 
-reward_model = load_reward_model(model_tag)
-loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size)
+reward_model = load_reward_model(model_tag, device=device, device_map=device_map)
+loaded = load_run_sae(sae, model_name, layer, reward_model.hidden_size, device=reward_model.block_device(layer))
 fitted = {name: run_dir / f"{name}.safetensors" for name in ("sae_feature_steering", "raw_feature_steering", "residual_correction")}
 missing = [str(path) for path in fitted.values() if not path.is_file()]
 if missing:

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from .executors import EXECUTORS as EXECUTOR_CHOICES
+
 logger = logging.getLogger("rmsae")
 
 
@@ -183,8 +185,19 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--matrix", type=Path, default=Path("experiments.yml"), help="experiment matrix file (default ./experiments.yml)"
     )
-    parser.add_argument("--jobs", type=_positive_int, default=1, help="notebooks executed at once (default 1)")
+    parser.add_argument("--jobs", type=_positive_int, help="notebooks executed at once (default 1; 32 jobs in the queue with --executor slurm)")
     parser.add_argument("--limit", type=_positive_int, help="use at most this many pairs per run (overrides the profile)")
+    cluster = parser.add_argument_group("cluster", "send each run to SLURM through submitit; values override the profile's `slurm:` entry")
+    cluster.add_argument("--executor", choices=EXECUTOR_CHOICES, default="local",
+                         help="local: run here (default); slurm: one SLURM job per run; submitit-local: one local process per run")
+    cluster.add_argument("--slurm-partition", help="partition of the jobs")
+    cluster.add_argument("--slurm-gpus", type=_non_negative_int, help="GPUs per job")
+    cluster.add_argument("--slurm-cpus", type=_positive_int, help="CPUs per job")
+    cluster.add_argument("--slurm-mem-gb", type=float, help="memory per job, in GB")
+    cluster.add_argument("--slurm-time", type=_positive_int, help="time limit per job, in minutes (default 240)")
+    cluster.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="extra sbatch option without the dashes, e.g. account=myproj (repeatable)")
+    cluster.add_argument("--job-logs", type=Path, help="folder for job files and logs, on a shared file system (default runs/PROFILE/.jobs)")
 
 
 def run_sae_info(args: argparse.Namespace) -> int:
@@ -356,10 +369,33 @@ def _execute_matrix(args: argparse.Namespace, **selection) -> int:
             for key, value in run.parameters.items():
                 print(f"    {key} = {value!r}")
         return 0
-    prepare_profile(matrix.profile(args.profile))
-    execute_runs(runs, jobs=args.jobs, force=getattr(args, "force", False))
+    profile = matrix.profile(args.profile)
+    launch = _launcher(args, profile, matrix.path.parent)
+    jobs = args.jobs or (1 if launch is None else 32)
+    prepare_profile(profile)
+    execute_runs(runs, jobs=jobs, force=getattr(args, "force", False), launch=launch)
     print(summarise(runs))
     return 1 if failures(runs) else 0
+
+
+def _launcher(args: argparse.Namespace, profile, root: Path):
+    """Build the submitit launcher that ``--executor`` selects, with the profile's settings and the command line's overrides."""
+    if args.executor == "local":
+        return None
+    from .executors import JobSettings, SubmititLauncher
+
+    settings = {key: value for key, value in profile.slurm.items() if key != "stages"}
+    overrides = {"partition": args.slurm_partition, "gpus_per_node": args.slurm_gpus, "cpus_per_task": args.slurm_cpus,
+                 "mem_gb": args.slurm_mem_gb, "timeout_min": args.slurm_time}
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    extra = dict(settings.pop("additional_parameters", {}))
+    for option in args.slurm_option:
+        key, separator, value = option.partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"--slurm-option {option!r} must have the form KEY=VALUE, e.g. account=myproj.")
+        extra[key.strip()] = value.strip()
+    logs = args.job_logs or root / "runs" / profile.name / ".jobs"
+    return SubmititLauncher(args.executor, logs, JobSettings(**settings, additional_parameters=extra), profile.slurm.get("stages", {}))
 
 
 def run_matrix(args: argparse.Namespace) -> int:

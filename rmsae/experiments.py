@@ -11,13 +11,16 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from .data import PreferencePair, load_pairs
 from .runner import RECORD_SUFFIX
 from .storage import atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ RUN_PARAMETERS: dict[str, tuple[str, dict[str, Any]]] = {
     "split": ("str", {"choices": ["all", "demo-eval"]}),
     "limit": ("int", {"optional": True, "minimum": 1}),
     "batch_size": ("int", {"minimum": 1}),
+    "device": ("str", {}),
+    "device_map": ("str", {"optional": True}),
     "results_path": ("path", {}),
 }
 LAYER_PARAMETERS: dict[str, tuple[str, dict[str, Any]]] = {"layer": ("int", {"minimum": 0}), "sae": ("str", {})}
@@ -72,7 +77,7 @@ def load_run_pairs(data: str, split: str = "all", limit: int | None = None) -> l
     return pairs
 
 
-def load_run_sae(sae: str, model_name: str, layer: int, d_model: int):
+def load_run_sae(sae: str, model_name: str, layer: int, d_model: int, device: str | torch.device = "cpu"):
     """Load the SAE a per-layer run names: ``released`` (``$SAE_CHECKPOINT`` or the hub) or a folder.
 
     ``released:NAME`` loads the released SAE of model ``NAME`` instead of ``model_name``'s, for a
@@ -82,8 +87,8 @@ def load_run_sae(sae: str, model_name: str, layer: int, d_model: int):
 
     if sae == "released" or sae.startswith("released:"):
         owner = sae.partition(":")[2] or model_name
-        return load_sae(None, subfolder=f"{owner}_layer{layer}", layer=layer, d_model=d_model)
-    return load_sae(sae, layer=layer, d_model=d_model)
+        return load_sae(None, subfolder=f"{owner}_layer{layer}", layer=layer, d_model=d_model, device=device)
+    return load_sae(sae, layer=layer, d_model=d_model, device=device)
 
 
 def load_run_records(records_dir: str | Path, methods: Sequence[str] = ("backdoor", "inject", "gradient")):

@@ -81,7 +81,8 @@ def top_activations(
         device = reward_model.device
         with capture_block_output(reward_model.model, sae.layer) as captured, reward_model._autocast():
             reward_model.differentiable_rewards(input_ids.to(device), attention_mask.to(device), position_ids.to(device))
-        codes = sae.encode(captured["hidden"])[..., selected.to(captured["hidden"].device)].float()
+        codes = sae.encode(captured["hidden"])
+        codes = codes[..., selected.to(codes.device)].float()
         codes = torch.where(attention_mask.to(codes.device).bool()[..., None], codes, torch.zeros((), device=codes.device))
         values, positions = codes.max(dim=1)
         best_value[rows] = values.cpu().numpy()

@@ -51,6 +51,19 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def execution_device(module: nn.Module) -> torch.device | None:
+    """Return the device a module computes on: accelerate's execution device when it dispatched the
+    module (its weights may sit on ``meta`` while offloaded), else that of its first real parameter."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return None
+
+
 def block_hook_name(model: nn.Module, layer: int) -> str:
     """Return the module path of block ``layer`` (e.g. ``model.layers.12``), the hook name an SAE records."""
     blocks = find_blocks(model)
@@ -150,8 +163,8 @@ def replay_block_output(model: nn.Module, layer: int, hidden: torch.Tensor, cont
         return wrap(hidden_states)
 
     patched = list(blocks[: layer + 1])
-    parameter = next(patched[-1].parameters(), None)
-    replayed = hidden if parameter is None else hidden.to(parameter.device)
+    device = execution_device(patched[-1])
+    replayed = hidden if device is None else hidden.to(device)
 
     def replay(*args: object, **kwargs: object) -> object:
         return wrap(replayed)

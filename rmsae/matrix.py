@@ -6,11 +6,16 @@ The matrix is a YAML file (``experiments.yml`` at the repository root) with two 
     One entry per notebook: ``notebook`` (jupytext source), ``page`` (the notebook that gathers the
     stage's runs into a book chapter), ``scope`` (``model``: once per model; ``model_layer``: once
     per model and layer), ``after`` (stages whose runs must finish first; a per-model stage after a
-    per-layer one waits for every layer of its model), ``timeout`` (seconds per cell) and ``parameters`` (defaults passed to every run of the stage).
+    per-layer one waits for every layer of its model), ``timeout`` (seconds per cell) and
+    ``parameters`` (defaults passed to every run of the stage).
 ``profiles``
     One entry per profile: ``description``, ``prepare`` (``demo`` builds the demo models and SAEs
     first, cached), ``data`` (a :func:`rmsae.data.load_pairs` spec), ``split`` (``all`` or
-    ``demo-eval``, the held-out half of the demo split), ``limit`` (pairs, or null), ``models`` and
+    ``demo-eval``, the held-out half of the demo split), ``limit`` (pairs, or null), ``device``
+    (``auto``, ``cpu``, ``cuda`` or ``cuda:N``) and ``device_map`` (``auto``, ``spec`` for the
+    registered recommendation, or null), ``slurm`` (job resources for ``rmsae run --executor slurm``:
+    ``partition``, ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ``timeout_min``,
+    ``additional_parameters``, and ``stages`` with the same keys per stage), ``models`` and
     ``parameters`` (per-stage overrides). Each model entry gives ``layers``, ``sae`` (``demo``,
     ``released``, or a folder template with ``{model}`` and ``{layer}``) and optionally ``source``
     (a local checkpoint, hub id or registered tag when the key is not a registered tag), ``data``
@@ -35,11 +40,13 @@ SCOPES = ("model", "model_layer")
 SPLITS = ("all", "demo-eval")
 PREPARE_STEPS = ("demo",)
 # Set by the runner for every run; a matrix may not set them.
-RESERVED_PARAMETERS = ("profile", "model_name", "model_tag", "layer", "sae", "data", "split", "limit", "results_path")
+RESERVED_PARAMETERS = (
+    "profile", "model_name", "model_tag", "layer", "sae", "data", "split", "limit", "device", "device_map", "results_path",
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 _STAGE_KEYS = {"notebook", "page", "scope", "after", "timeout", "parameters", "description"}
-_PROFILE_KEYS = {"description", "prepare", "data", "split", "limit", "models", "parameters"}
+_PROFILE_KEYS = {"description", "prepare", "data", "split", "limit", "device", "device_map", "slurm", "models", "parameters"}
 _MODEL_KEYS = {"layers", "sae", "source", "data", "split"}
 
 
@@ -90,6 +97,9 @@ class Profile:
     limit: int | None
     models: dict[str, ModelEntry]
     parameters: dict[str, dict[str, Any]]
+    device: str = "auto"
+    device_map: str | None = None
+    slurm: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -249,7 +259,7 @@ def _parse_model(name: str, entry: Any, where: str, root: Path) -> ModelEntry:
         )
     if sae not in ("demo", "released") and not Path(sae).expanduser().is_absolute():
         sae = str(root / sae)
-    data = _rooted(_coerce(f"{where}.data", entry["data"], "str"), root) if "data" in entry else None
+    data = _data_spec(f"{where}.data", entry["data"], root) if "data" in entry else None
     split = _coerce(f"{where}.split", entry["split"], "str", choices=SPLITS) if "split" in entry else None
     return ModelEntry(name, source, tuple(layers), sae, data, split)
 
@@ -263,11 +273,7 @@ def _parse_profile(
     prepare = entry.get("prepare")
     if prepare is not None:
         prepare = _coerce(f"{where}.prepare", prepare, "str", choices=PREPARE_STEPS)
-    data = _rooted(_coerce(f"{where}.data", entry["data"], "str"), root)
-    if data.partition(":")[0] not in ("hh-rlhf", "truthfulqa") and not Path(data).is_file():
-        raise MatrixError(
-            f"{where}.data: {data!r} is neither 'hh-rlhf[:SUBSET[:SPLIT]]', 'truthfulqa', nor an existing file."
-        )
+    data = _data_spec(f"{where}.data", entry["data"], root)
     split = _coerce(f"{where}.split", entry.get("split", "all"), "str", choices=SPLITS)
     limit = _coerce(f"{where}.limit", entry.get("limit"), "int", optional=True, minimum=1)
     models_entry = _expect_mapping(entry["models"], f"{where}.models")
@@ -280,7 +286,35 @@ def _parse_profile(
             raise MatrixError(f"{where}.parameters.{stage_name}: no such stage; stages are {sorted(stages)}.")
         overrides[stage_name] = _parse_parameters(values, f"{where}.parameters.{stage_name}", defaults[stage_name])
     description = _coerce(f"{where}.description", entry.get("description", name), "str")
-    return Profile(name, description, prepare, data, split, limit, models, overrides)
+    device = _coerce(f"{where}.device", entry.get("device", "auto"), "str")
+    device_map = _coerce(f"{where}.device_map", entry.get("device_map"), "str", optional=True)
+    slurm = _parse_slurm(entry.get("slurm") or {}, f"{where}.slurm", stages)
+    return Profile(name, description, prepare, data, split, limit, models, overrides, device, device_map, slurm)
+
+
+def _parse_slurm(entry: Any, where: str, stages: dict[str, Stage]) -> dict[str, Any]:
+    from .executors import JobSettings
+
+    entry = dict(_expect_mapping(entry, where))
+    per_stage = dict(_expect_mapping(entry.pop("stages", None) or {}, f"{where}.stages"))
+    try:
+        JobSettings.from_mapping(entry, where)
+        for stage_name, values in per_stage.items():
+            if stage_name not in stages:
+                raise MatrixError(f"{where}.stages.{stage_name}: no such stage; stages are {sorted(stages)}.")
+            JobSettings.from_mapping(_expect_mapping(values, f"{where}.stages.{stage_name}"), f"{where}.stages.{stage_name}")
+    except (TypeError, ValueError) as error:
+        if isinstance(error, MatrixError):
+            raise
+        raise MatrixError(f"{where}: {error}") from error
+    return {**entry, "stages": per_stage}
+
+
+def _data_spec(where: str, value: Any, root: Path) -> str:
+    data = _rooted(_coerce(where, value, "str"), root)
+    if data.partition(":")[0] not in ("hh-rlhf", "truthfulqa") and not Path(data).is_file():
+        raise MatrixError(f"{where}: {data!r} is neither 'hh-rlhf[:SUBSET[:SPLIT]]', 'truthfulqa', nor an existing file.")
+    return data
 
 
 def load_matrix(path: str | Path) -> Matrix:

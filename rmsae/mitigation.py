@@ -223,14 +223,14 @@ class SAEFeatureSteering:
         mask = _scope_mask(reward_model, self.token_scope, hidden)
         sae = self.sae.sae
         with torch.autocast(hidden.device.type, enabled=False):
-            codes = sae.encode(hidden.to(sae.dtype))
+            codes = sae.encode(hidden.to(device=sae.device, dtype=sae.dtype))
             scale = torch.ones(codes.shape[-1], dtype=codes.dtype, device=codes.device)
             scale[self.latents.to(codes.device)] = self.eta
-            steered = torch.where(mask[..., None], codes * scale, codes)
+            steered = torch.where(mask.to(codes.device)[..., None], codes * scale, codes)
             if self.mode == "replace":
-                return sae.decode(steered).to(hidden.dtype)
+                return sae.decode(steered).to(device=hidden.device, dtype=hidden.dtype)
             # Only the change of the reconstruction is added, in the block's dtype, so that eta = 1 adds exactly zero.
-            return hidden + (sae.decode(steered) - sae.decode(codes)).to(hidden.dtype)
+            return hidden + (sae.decode(steered) - sae.decode(codes)).to(device=hidden.device, dtype=hidden.dtype)
 
 
 @dataclass

@@ -42,6 +42,10 @@ class ModelSpec:
         max_length: token budget; longer inputs lose tokens from the left of the prompt.
         autocast_dtype: run forward passes under torch autocast to this dtype (None: the weight dtype).
         layers: the layers studied for this model in arXiv 2605.16339 (blocks 4, 12, 20 and 28).
+        device_map: the ``device_map`` recommended for large models (``"auto"`` spreads the blocks
+            over the visible GPUs through accelerate); :func:`rmsae.reward_model.load_reward_model`
+            uses it when called with ``device_map="spec"``.
+        attn_implementation: attention kernel passed to ``from_pretrained`` (None: transformers' default).
     """
 
     tag: str
@@ -53,6 +57,8 @@ class ModelSpec:
     max_length: int = 512
     autocast_dtype: str | None = None
     layers: tuple[int, ...] = ()
+    device_map: str | None = None
+    attn_implementation: str | None = None
     revision: str | None = None
     description: str = ""
     source_resolver: Callable[[], str] | None = field(default=None, compare=False, repr=False)
@@ -116,6 +122,8 @@ for _spec in (
         input_format="safe_rlhf",
         dtype="float32",
         layers=PAPER_LAYERS,
+        device_map="auto",
+        attn_implementation="sdpa",
         description="safe-rlhf score model (Beaver v2.0 reward), LlamaForScore",
     ),
     ModelSpec(
@@ -125,6 +133,8 @@ for _spec in (
         input_format="safe_rlhf",
         dtype="float32",
         layers=PAPER_LAYERS,
+        device_map="auto",
+        attn_implementation="sdpa",
         description="safe-rlhf score model backdoored with the trigger SUDO on 10% of training pairs",
     ),
     ModelSpec(
@@ -134,6 +144,8 @@ for _spec in (
         input_format="chat_template",
         dtype="bfloat16",
         layers=PAPER_LAYERS,
+        device_map="auto",
+        attn_implementation="sdpa",
         description="Skywork-Reward-V2 on Llama 3.1 8B, tokenizer chat template",
     ),
     ModelSpec(
@@ -143,6 +155,8 @@ for _spec in (
         input_format="chat_template",
         dtype="bfloat16",
         layers=PAPER_LAYERS,
+        device_map="auto",
+        attn_implementation="sdpa",
         description="Skywork-Reward-V2 on Qwen3 4B, tokenizer chat template",
     ),
     ModelSpec(

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .cache import ActivationCache, CachedText
 from .data import PreferencePair, Turn
 from .formats import INPUT_FORMATS, RenderedText, render
-from .hooks import check_layer, edit_block_output, find_blocks
+from .hooks import check_layer, edit_block_output, execution_device, find_blocks
 from .registry import DTYPES, ModelSpec, get_spec, spec_for_unregistered
 from .storage import fingerprint_file, sha256_json, sha256_text
 from .tokenization import (
@@ -145,7 +145,12 @@ class RewardModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Device of the model's inputs: where the input embeddings compute."""
+        return execution_device(self.model.get_input_embeddings()) or next(self.model.parameters()).device
+
+    def block_device(self, layer: int) -> torch.device:
+        """Device on which block ``layer`` computes (differs from :attr:`device` under a device map)."""
+        return execution_device(self.blocks[check_layer(self.model, layer)]) or self.device
 
     @property
     def num_layers(self) -> int:
@@ -243,11 +248,11 @@ class RewardModel:
             def edit(hidden: torch.Tensor) -> None:
                 if layer in layers:
                     for name, mask in masks.items():
-                        pooled[(layer, name)] = masked_mean(hidden, mask).cpu()
+                        pooled[(layer, name)] = masked_mean(hidden, mask.to(hidden.device)).cpu()
                 for sae in saes_by_layer.get(layer, ()):
                     codes = sae.encode(hidden)
                     for name, mask in masks.items():
-                        sae_codes[(sae.fingerprint, name)] = masked_mean(codes, mask).cpu()
+                        sae_codes[(sae.fingerprint, name)] = masked_mean(codes, mask.to(codes.device)).cpu()
 
             return edit
 
@@ -279,7 +284,7 @@ class RewardModel:
         outputs = self._trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         last_hidden = outputs.last_hidden_state
         rows = torch.arange(last_hidden.shape[0], device=last_hidden.device)
-        return self._head(last_hidden[rows, last_token_index(attention_mask)])[:, 0]
+        return self._head(last_hidden[rows, last_token_index(attention_mask.to(last_hidden.device))])[:, 0]
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -480,8 +485,17 @@ def load_reward_model(
     autocast_dtype: str | None = "spec",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    attn_implementation: str | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> RewardModel:
     """Load a reward model by registry tag, hub id or local directory.
+
+    ``device`` is ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the first GPU when torch sees one, else
+    the CPU). ``device_map`` instead spreads the model over several devices through accelerate:
+    ``"auto"``, ``"spec"`` (the registered model's recommendation), or a mapping from module names to
+    devices, with ``offload_folder`` for modules mapped to ``"disk"``. ``attn_implementation``
+    defaults to the registered model's setting.
 
     A checkpoint whose reward head is missing is rejected with :class:`RewardHeadError`, unless
     ``allow_fresh_head=True`` (a base encoder about to be trained into a reward model), in which case
@@ -505,7 +519,22 @@ def load_reward_model(
         raise ValueError(f"Unknown dtype {dtype!r}; expected one of {DTYPES}.")
     spec = spec.with_overrides(input_format=input_format, max_length=max_length, dtype=dtype)
     _ensure_pad_token(tokenizer, spec.tag)
-    device = _check_device(device)
+    if device_map == "spec":
+        device_map = spec.device_map
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        if str(device) not in ("cpu", "auto"):
+            raise ValueError(f"Pass either device ({device!r}) or device_map ({device_map!r}), not both.")
+        if not isinstance(device_map, (str, dict)):
+            raise TypeError(f"device_map must be a string or a dict of module names to devices, got {type(device_map).__name__}.")
+        placement["device_map"] = device_map
+        if offload_folder is not None:
+            placement["offload_folder"] = str(offload_folder)
+    else:
+        device = _check_device(device)
+    attn_implementation = attn_implementation or spec.attn_implementation
+    if attn_implementation is not None:
+        placement["attn_implementation"] = attn_implementation
 
     torch_dtype = _TORCH_DTYPES[spec.dtype]
     verbosity = transformers.logging.get_verbosity()
@@ -518,13 +547,13 @@ def load_reward_model(
             from .score_model import LlamaForScore
 
             loaded, info = LlamaForScore.from_pretrained(
-                source, dtype=torch_dtype, output_loading_info=True, trust_remote_code=trust_remote_code
+                source, dtype=torch_dtype, output_loading_info=True, trust_remote_code=trust_remote_code, **placement
             )
             head_prefixes = ("score_head.",)
         else:
             extra = {"num_labels": 1} if allow_fresh_head else {}
             loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-                source, dtype=torch_dtype, output_loading_info=True, trust_remote_code=trust_remote_code, **extra
+                source, dtype=torch_dtype, output_loading_info=True, trust_remote_code=trust_remote_code, **extra, **placement
             )
             head_prefixes = ("score.", "classifier.")
     finally:
@@ -557,7 +586,8 @@ def load_reward_model(
             f"{spec.tag}: max_length={spec.max_length} exceeds the {position_limit} positions the model was built "
             f"for; use a max_length of at most {position_limit}."
         )
-    loaded.to(device)
+    if device_map is None:
+        loaded.to(device)
     identity = _model_identity(source, loaded, spec, revision)
     logger.info("Loaded %s from %s (%s, %s, identity %s).", spec.tag, source, spec.architecture, spec.dtype, identity[:12])
     if autocast_dtype == "spec":
@@ -566,10 +596,12 @@ def load_reward_model(
 
 
 def _check_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"Invalid device {device!r}: {error}. Use cpu, cuda or cuda:N.") from error
+        raise ValueError(f"Invalid device {device!r}: {error}. Use cpu, cuda, cuda:N or auto.") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Device {device!r} requested, but this torch build sees no CUDA GPU; use --device cpu.")
     return resolved

@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .matrix import Matrix, ModelEntry, Profile, Stage
 from .storage import atomic_write_json, fingerprint_file, sha256_json, sha256_text
@@ -200,6 +200,8 @@ def _run_parameters(profile: Profile, stage: Stage, model: ModelEntry, layer: in
         data=model.data or profile.data,
         split=model.split or profile.split,
         limit=profile.limit,
+        device=profile.device,
+        device_map=profile.device_map,
         results_path=str(folder / f"{stage.name}.json"),
     )
     if layer is not None:
@@ -396,8 +398,12 @@ def prepare_profile(profile: Profile) -> None:
         build_demo()
 
 
-def execute_runs(runs: Sequence[Run], *, jobs: int = 1, force: bool = False) -> list[Run]:
-    """Execute ``runs`` (from :func:`plan_runs`) in dependency order, ``jobs`` at a time."""
+def execute_runs(runs: Sequence[Run], *, jobs: int = 1, force: bool = False, launch: Callable[[Run], None] | None = None) -> list[Run]:
+    """Execute ``runs`` (from :func:`plan_runs`) in dependency order, ``jobs`` at a time.
+
+    ``launch`` executes one run and sets its status (default :func:`execute_run`, in this process);
+    a :class:`rmsae.executors.SubmititLauncher` sends it to SLURM instead. Pages always run here.
+    """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}.")
     library = library_fingerprint()
@@ -438,7 +444,8 @@ def execute_runs(runs: Sequence[Run], *, jobs: int = 1, force: bool = False) -> 
                 run.status = "running"
                 started += 1
                 logger.info("starting %s (%d started, %d of %d done)", run.name, started, finished, total)
-                running[pool.submit(execute_run, run)] = run
+                target = execute_run if run.is_page or launch is None else launch
+                running[pool.submit(target, run)] = run
             if running:
                 done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:

@@ -235,15 +235,16 @@ class LoadedSAE:
 
     @torch.no_grad()
     def encode(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Encode per token: (..., d_in) -> (..., d_sae) latent activations in the SAE's dtype."""
+        """Encode per token: (..., d_in) -> (..., d_sae) latent activations, on the SAE's device and in its dtype."""
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.sae.encode(hidden.to(self.sae.dtype))
+            return self.sae.encode(hidden.to(device=self.sae.device, dtype=self.sae.dtype))
 
     @torch.no_grad()
     def reconstruct(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Return the SAE reconstruction of ``hidden`` in ``hidden``'s dtype."""
+        """Return the SAE reconstruction of ``hidden`` on ``hidden``'s device and in its dtype."""
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.sae.decode(self.sae.encode(hidden.to(self.sae.dtype))).to(hidden.dtype)
+            codes = self.sae.encode(hidden.to(device=self.sae.device, dtype=self.sae.dtype))
+            return self.sae.decode(codes).to(device=hidden.device, dtype=hidden.dtype)
 
 
 def load_sae(

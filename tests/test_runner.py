@@ -481,6 +481,7 @@ def test_repository_matrix_profiles():
     }
     first = sae_runs[0].parameters
     assert first["sae"] == "released"
+    assert (first["device"], first["device_map"]) == ("auto", "spec")
     assert first["split"] == "all"
     assert first["data"] == "hh-rlhf"
     assert isinstance(first["layer"], int) and first["batch_size"] == 8
