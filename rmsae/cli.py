@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "book",
         help="run the experiment matrix, then build the Jupyter Book",
         description="Run every stage of a profile (as `rmsae run`), then render the executed notebooks as a "
-        "Jupyter Book in _build/html. Exits non-zero when a run or the book build fails.",
+        "Jupyter Book (_build/html for the demo profile, _build/PROFILE/_build/html for others). Exits non-zero "
+        "when a run or the book build fails.",
     )
     _add_matrix_arguments(book)
     book.add_argument("--no-run", action="store_true", help="only build the book from the runs already there")
@@ -363,6 +364,10 @@ def _execute_matrix(args: argparse.Namespace, **selection) -> int:
 
     matrix = load_matrix(args.matrix)
     runs = plan_runs(matrix, args.profile, limit=args.limit, **selection)
+    if not runs:
+        chosen = " ".join(f"--{key} {' '.join(map(str, value))}" for key, value in selection.items() if value)
+        raise ValueError(f"The selection {chosen} matches no run of profile {args.profile}; "
+                         f"`rmsae run --profile {args.profile} --dry-run` lists them.")
     if getattr(args, "dry_run", False):
         for run in runs:
             print(f"{run.name}: {run.source.relative_to(matrix.path.parent)} -> {run.notebook_path}")

@@ -281,20 +281,20 @@ class SplitManifest:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"The split manifest {path} does not exist; the detection stage writes it (`rmsae run --stages detection --force`).") from None
+            raise FileNotFoundError(f"The split manifest {path} does not exist; the detection stage writes it (`rmsae run --profile PROFILE --models MODEL --layers LAYER --stages detection`).") from None
         except json.JSONDecodeError as error:
-            raise DetectionError(f"The split manifest {path} is not valid JSON ({error}); delete it and rerun detection (`rmsae run --stages detection --force`).") from None
+            raise DetectionError(f"The split manifest {path} is not valid JSON ({error}); delete it and rerun detection (`rmsae run --profile PROFILE --models MODEL --layers LAYER --stages detection --force`).") from None
         if not isinstance(raw, dict):
-            raise DetectionError(f"The split manifest {path} must contain a JSON object, got {type(raw).__name__}; delete it and rerun detection (`rmsae run --stages detection --force`).")
+            raise DetectionError(f"The split manifest {path} must contain a JSON object, got {type(raw).__name__}; delete it and rerun detection (`rmsae run --profile PROFILE --models MODEL --layers LAYER --stages detection --force`).")
         missing = [key for key in ("mode", "seed", "test_ratio", "validation_ratio", "assignments") if key not in raw]
         if missing:
-            raise DetectionError(f"The split manifest {path} lacks {', '.join(missing)}; delete it and rerun detection (`rmsae run --stages detection --force`).")
+            raise DetectionError(f"The split manifest {path} lacks {', '.join(missing)}; delete it and rerun detection (`rmsae run --profile PROFILE --models MODEL --layers LAYER --stages detection --force`).")
         assignments = raw["assignments"]
         numbers_ok = all(isinstance(raw[key], (int, float)) and not isinstance(raw[key], bool) for key in ("seed", "test_ratio", "validation_ratio"))
         if not isinstance(assignments, dict) or not numbers_ok or not isinstance(raw.get("model"), (str, type(None))):
             raise DetectionError(
                 f"The split manifest {path} is malformed (assignments must be an object, seed and ratios numbers, model text); "
-                "delete it and rerun detection (`rmsae run --stages detection --force`)."
+                "delete it and rerun detection (`rmsae run --profile PROFILE --models MODEL --layers LAYER --stages detection --force`)."
             )
         bad = sorted({str(side) for side in assignments.values() if side not in SIDES})
         if raw["mode"] not in SPLIT_MODES or bad:

@@ -141,7 +141,7 @@ class SubmititLauncher:
         run.folder.mkdir(parents=True, exist_ok=True)
         job = self._reattach(run)
         if job is None:
-            executor = submitit.AutoExecutor(folder=self.logs / "%j", cluster=self.cluster)
+            executor = submitit.AutoExecutor(folder=self.logs, cluster=self.cluster)
             executor.update_parameters(**self.settings_for(run.stage.name).executor_parameters(f"rmsae:{run.name}"))
             job = executor.submit(_run_in_job, run)
             atomic_write_json(self.job_file(run), {"job_id": str(job.job_id), "cluster": self.cluster, "run": run.name,
@@ -175,7 +175,7 @@ class SubmititLauncher:
             return None
         import submitit
 
-        job = submitit.SlurmJob(folder=self.logs / "%j", job_id=str(submitted["job_id"]))
+        job = submitit.SlurmJob(folder=self.logs, job_id=str(submitted["job_id"]))
         state = job.state
         if state not in ACTIVE_STATES:
             return None

@@ -688,7 +688,8 @@ def _model_identity(source: str, model: torch.nn.Module, spec: ModelSpec, revisi
             files[path.name] = fingerprint_file(path)
     head_digest = hashlib.sha256()
     for name, parameter in sorted(model.named_parameters()):
-        if name.startswith(("score.", "score_head.", "classifier.")):
+        # An offloaded head sits on the meta device; its values are those of the checkpoint files hashed above.
+        if name.startswith(("score.", "score_head.", "classifier.")) and parameter.device.type != "meta":
             head_digest.update(name.encode())
             head_digest.update(parameter.detach().float().cpu().numpy().tobytes())
     return sha256_json(

@@ -11,7 +11,8 @@ The official rules follow ``allenai/reward-bench`` at commit a0096928eb1d54edd3f
   correct completion outscores its best incorrect one. The subset score is
   ``0.3 * tied accuracy + 0.3 * ref accuracy + 0.2 * P(tied correct-incorrect margin > spread of the
   correct scores) + 0.2 * P(min(ref margin, tied margin) > that spread) + 0.01 * mean tanh(min margin
-  / spread - 1)``, where NaN terms count as 0.
+  / spread - 1)``, where a NaN ratio counts as 0. As in the official code, the correctness terms and
+  so the score are NaN when no ``ref:<n>`` prompt has its ``tied:<n>`` partner among the prompts.
 - Overall: the unweighted mean of the subset scores, the leaderboard's convention (``run_v2.py``
   itself prints the subset scores only).
 
@@ -231,6 +232,8 @@ def ties_score(prompts: Sequence[BenchmarkPrompt], scores: Sequence[np.ndarray])
         return float(np.mean([item[0] for item in stats[kind].values()])) if stats[kind] else 0.0
 
     shared = sorted(set(stats["ref"]) & set(stats["tied"]))
+    if not shared:
+        logger.warning("No Ties prompt has both its ref: and tied: version here (%d prompts), so the Ties score is NaN.", len(prompts))
     spread = np.array([stats["tied"][n][1] for n in shared], dtype=np.float64)
     tied_margin = np.array([stats["tied"][n][2] for n in shared], dtype=np.float64)
     hard_margin = np.minimum(np.array([stats["ref"][n][2] for n in shared], dtype=np.float64), tied_margin)

@@ -432,6 +432,16 @@ def execute_runs(runs: Sequence[Run], *, jobs: int = 1, force: bool = False, lau
                     finished += 1
                     logger.error("[%d/%d] BLOCKED %s: %s", finished, total, run.name, run.error)
                     continue
+                # An upstream run outside the selection must have finished in an earlier call.
+                selected = {dependency.record_path for dependency in run.depends_on}
+                unfinished = [path for path in run.upstream_records if path not in selected and _read_record(path).get("status") != "ok"]
+                if unfinished and not run.is_page:
+                    upstream = unfinished[0]
+                    _block(run, f"needs {upstream.parent / upstream.name.replace(RECORD_SUFFIX, '')}, which has not run successfully; "
+                                "run that stage first or add it to --stages")
+                    finished += 1
+                    logger.error("[%d/%d] BLOCKED %s: %s", finished, total, run.name, run.error)
+                    continue
                 run.fingerprint = run_fingerprint(run, library)
                 if not force and is_current(run):
                     run.status = "skipped"

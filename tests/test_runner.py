@@ -535,11 +535,12 @@ def test_paper_profile_runs_against_stand_ins(tmp_path, monkeypatch, tiny_models
     monkeypatch.setenv("RMSAE_DATA_DIR", str(shared_data))
     matrix = load_matrix(REPO / "experiments.yml")
     runs = plan_runs(
-        matrix, "paper", models=["beaver-2-7b"], layers=[4], stages=["sae"], limit=6, runs_dir=tmp_path / "runs"
+        matrix, "paper", models=["beaver-2-7b"], layers=[4], stages=["reward_model", "sae"], limit=6, runs_dir=tmp_path / "runs"
     )
-    assert [run.name for run in runs] == ["paper/beaver-2-7b/layer4/sae", "paper/sae (page)"]
+    assert [run.name for run in runs] == ["paper/beaver-2-7b/reward_model", "paper/reward_model (page)",
+                                          "paper/beaver-2-7b/layer4/sae", "paper/sae (page)"]
     execute_runs(runs)
-    assert [run.status for run in runs] == ["ok", "ok"], [run.error for run in runs]
+    assert [run.status for run in runs] == ["ok"] * 4, [run.error for run in runs]
     results = json.loads((tmp_path / "runs" / "paper" / "beaver-2-7b" / "layer4" / "sae.json").read_text())
     assert results["pairs"] == 6
     assert results["d_sae"] == 256
@@ -559,3 +560,20 @@ def test_repository_notebook_stops_on_a_bad_parameter(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match="Parameter model_tag must be text, got nan"):
         papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), parameters=parameters,
                                    kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+
+
+def test_unselected_upstream_must_have_run(tmp_path, caplog):
+    path = write_project(tmp_path)
+    runs = execute_runs(plan_runs(load_matrix(path), "t", stages=["layered"]))
+    assert {run.status for run in runs} == {"blocked"}
+    assert "needs" in runs[0].error
+    assert "probe" in runs[0].error
+
+    # Layer 1 exists for beta only, so this selection is valid but empty.
+    document = yaml.safe_load(path.read_text())
+    document["profiles"]["t"]["models"]["beta"]["layers"] = [0, 1]
+    (tmp_path / "saes" / "beta_layer1").mkdir()
+    (tmp_path / "saes" / "beta_layer1" / "cfg.json").write_text("{}")
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    assert main(["run", "--matrix", str(path), "--profile", "t", "--models", "alpha", "--layers", "1", "--stages", "layered"]) == 2
+    assert "--models alpha --layers 1 --stages layered matches no run" in caplog.text

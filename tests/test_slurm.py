@@ -108,7 +108,7 @@ def test_slurm_executor_runs_stage(slurm_cluster, tmp_path, monkeypatch):
     assert submitted["cluster"] == "slurm"
     results = json.loads((tmp_path / "runs" / "t" / "alpha" / "probe.json").read_text())
     assert results == {"value": 1, "lines": 3, "model": "alpha"}
-    log = next((tmp_path / "runs" / "t" / ".jobs" / submitted["job_id"]).glob("*_log.out"))
+    log = next((tmp_path / "runs" / "t" / ".jobs").glob(f"{submitted['job_id']}_*_log.out"))
     assert log.is_file()
 
     again = execute_runs(plan_runs(load_matrix(path), "t", models=["alpha"]), jobs=2, launch=launcher)
