@@ -132,12 +132,12 @@ def load_rewardbench2(
         rows = _load_from_hub("RewardBench 2", REWARDBENCH2_HUB_ID, expected="$RMSAE_DATA_DIR/reward-bench-2/test.jsonl", split="test")
         records = ((f"{REWARDBENCH2_HUB_ID}[{index}]", row) for index, row in enumerate(rows))
 
-    wanted = set(subsets) if subsets is not None else None
+    selected_subsets = set(subsets) if subsets is not None else None
     prompts: list[BenchmarkPrompt] = []
     seen: set[str] = set()
     for location, record in records:
         prompt = _parse_record(record, location)
-        if wanted is not None and prompt.subset not in wanted:
+        if selected_subsets is not None and prompt.subset not in selected_subsets:
             continue
         if prompt.prompt_id in seen:
             raise DataError(f"{location}: prompt id {prompt.prompt_id!r} appears twice; ids must be unique.")
@@ -146,7 +146,7 @@ def load_rewardbench2(
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
-        raise DataError(f"No RewardBench 2 prompt was loaded{f' for subsets {sorted(wanted)}' if wanted else ''}.")
+        raise DataError(f"No RewardBench 2 prompt was loaded{f' for subsets {sorted(selected_subsets)}' if selected_subsets else ''}.")
     logger.info("Loaded %d RewardBench 2 prompts (%d completions).", len(prompts), sum(len(p.completions) for p in prompts))
     return prompts
 
