@@ -329,6 +329,8 @@ def read_json_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     can point at the bad record. Gzip-compressed files (``.gz``) are read transparently.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataNotFoundError(f"{path} is a folder; pass the JSON or JSON Lines file inside it.")
     if not path.is_file():
         raise DataNotFoundError(f"Data file not found: {path}")
     stem = path.name[: -len(".gz")] if path.name.endswith(".gz") else path.name

@@ -146,7 +146,9 @@ def load_rewardbench2(
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
-        raise DataError(f"No RewardBench 2 prompt was loaded{f' for subsets {sorted(selected_subsets)}' if selected_subsets else ''}.")
+        source = path if path is not None else REWARDBENCH2_HUB_ID
+        raise DataError(f"No RewardBench 2 prompt was loaded from {source}"
+                        f"{f' for subsets {sorted(selected_subsets)}' if selected_subsets else ''}.")
     logger.info("Loaded %d RewardBench 2 prompts (%d completions).", len(prompts), sum(len(p.completions) for p in prompts))
     return prompts
 
@@ -197,7 +199,8 @@ def split_scores(prompts: Sequence[BenchmarkPrompt], flat_scores: np.ndarray) ->
 
 def _check_scores(prompts: Sequence[BenchmarkPrompt], scores: Sequence[np.ndarray]) -> None:
     if len(prompts) != len(scores):
-        raise ValueError(f"Got {len(scores)} score arrays for {len(prompts)} prompts.")
+        raise ValueError(f"Got {len(scores)} score arrays for {len(prompts)} prompts; pass one array per prompt "
+                         "(split_scores cuts a flat array of all completions' scores).")
     for prompt, values in zip(prompts, scores):
         if len(values) != len(prompt.completions):
             raise ValueError(f"Prompt {prompt.prompt_id!r} has {len(prompt.completions)} completions but {len(values)} scores.")

@@ -176,3 +176,14 @@ def test_benchmark_prompt_checks():
         BenchmarkPrompt("x", "Math", (Turn("user", "q"),), (), ("b",))
     with pytest.raises(DataError, match="user turn"):
         BenchmarkPrompt("x", "Math", (Turn("assistant", "q"),), ("a",), ("b",))
+
+
+def test_loader_names_folder_and_empty_file(tmp_path):
+    with pytest.raises(DataNotFoundError, match="is a folder"):
+        load_rewardbench2(tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="loaded from .*empty.jsonl"):
+        load_rewardbench2(empty)
+    with pytest.raises(ValueError, match="split_scores"):
+        official_scores([], [np.zeros(2)])
