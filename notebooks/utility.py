@@ -24,9 +24,9 @@
 #   rule** counts a prompt as correct when every correct completion outscores every incorrect one,
 #   micro-averaged over prompts. `rmsae.rewardbench` documents both, with the RewardBench code
 #   version they follow.
-# - `benchmark = "demo"`: RewardBench 2 needs the hub, so the demo profile measures the same on what
-#   it has, in the same layout: held-out HH-RLHF harmless pairs that the perturbation stage never
-#   used (one correct and one incorrect completion each) and TruthfulQA questions, a task the demo reward
+# - `benchmark = "demo"`: RewardBench 2 needs the hub, so the demo profile measures the same on the
+#   data it has, in the same layout. It uses held-out HH-RLHF harmless pairs that the perturbation
+#   stage never used (one correct and one incorrect completion each) and TruthfulQA questions, a task the demo reward
 #   models were not trained for (the best answer against three incorrect answers, the layout of
 #   RewardBench 2's non-Ties subsets).
 

@@ -15,7 +15,7 @@
 #
 # Does a defence cost the reward model its quality elsewhere? Each run reloads the interventions
 # that the mitigation stage fitted at one layer and scores a benchmark with the plain model and with
-# each of them: RewardBench 2 on the paper profile; on the demo profile, held-out HH-RLHF harmless
+# each of them. The paper profile uses RewardBench 2. The demo profile uses held-out HH-RLHF harmless
 # pairs and TruthfulQA questions laid out as RewardBench 2 prompts. Scores are the official
 # RewardBench 2 rule and the authors' all-pairs rule (both in `rmsae.rewardbench`). The sections
 # after this page are the executed notebooks of each run.

@@ -7,7 +7,7 @@ notebook, results and record into the shared runs folder, exactly as a local run
 waiting side polls the job, so runs start in dependency order without SLURM job dependencies.
 
 A job's id is written next to the run (``<stage>.job.json``) when it is submitted. If the waiting
-runner is interrupted, the jobs keep running; a later ``rmsae run`` finds the id of a job that is
+runner is interrupted, the jobs keep running. A later ``rmsae run`` finds the id of a job that is
 still pending or running and waits for it rather than submitting a duplicate.
 """
 

@@ -51,14 +51,16 @@ class BlockOutputBatch:
 class BlockOutputs:
     """Block ``layer``'s per-token outputs for a list of texts, as captured by :func:`capture_block_outputs`.
 
-    ``text_keys`` lists the texts in the caller's order and ``rewards`` their unsteered rewards from
-    the capturing forward. ``model`` is the identity of the reward model that produced them.
+    ``text_keys`` lists the texts in the caller's order, ``text_rows`` the row of each among the
+    unique texts that the batches hold, and ``rewards`` their unsteered rewards from the capturing
+    forward. ``model`` is the identity of the reward model that produced them.
     """
 
     model: str
     layer: int
     container: str
     text_keys: list[str]
+    text_rows: np.ndarray
     rewards: np.ndarray
     batches: list[BlockOutputBatch]
 
@@ -102,6 +104,7 @@ def capture_block_outputs(
         first_index.setdefault(key, index)
     unique = list(first_index)
     unique_row = {key: row for row, key in enumerate(unique)}
+    text_rows = np.array([unique_row[key] for key in keys], dtype=np.int64)
     encoded = [reward_model.encode(rendered[first_index[key]]) for key in unique]
     order = sorted(range(len(unique)), key=lambda row: len(encoded[row]), reverse=True)
     if max_bytes is not None:
@@ -145,7 +148,8 @@ def capture_block_outputs(
         layer=layer,
         container=containers.pop() if containers else "tensor",
         text_keys=keys,
-        rewards=unique_rewards[[unique_row[key] for key in keys]] if keys else np.zeros(0),
+        text_rows=text_rows,
+        rewards=unique_rewards[text_rows],
         batches=batches,
     )
     if verify and batches:
@@ -168,10 +172,7 @@ def rewards_from_block_outputs(reward_model, outputs: BlockOutputs, *, progress:
     for batch in tqdm(outputs.batches, desc=f"from block {outputs.layer + 1}", unit="batch", disable=not progress):
         with replay_block_output(reward_model.model, outputs.layer, batch.hidden, outputs.container):
             unique_rewards[batch.rows] = _run(reward_model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
-    first_index: dict[str, int] = {}
-    for key in outputs.text_keys:
-        first_index.setdefault(key, len(first_index))
-    return unique_rewards[[first_index[key] for key in outputs.text_keys]] if outputs.text_keys else np.zeros(0)
+    return unique_rewards[outputs.text_rows]
 
 
 @torch.inference_mode()

@@ -81,7 +81,7 @@ def prompts_from_truthfulqa(
     """Build RewardBench-style prompts from TruthfulQA: the best answer against up to ``rejected_per_question`` incorrect ones.
 
     That is the layout of RewardBench 2's non-Ties subsets (one correct and three incorrect
-    completions). The incorrect answers are drawn as :func:`rmsae.data.load_truthfulqa` draws them.
+    completions). :func:`rmsae.data.load_truthfulqa` draws the incorrect completions, seeded by ``seed``.
     """
     from .data import load_truthfulqa
 
