@@ -59,18 +59,22 @@ class DemoConfig:
     limit: int | None = None
     train_fraction: float = 0.5
     poison_rate: float = 0.1
-    # Train on each poisoned pair beside its original (see poison_pairs). Replacing the originals
-    # made the trigger reverse 11% of the 1,151 held-out preferences, in both directions alike.
-    # Keeping them reversed 42%, mostly toward the rejected response, for 10% more training pairs.
+    # Train on each poisoned pair beside its original (see poison_pairs). At 128 tokens, replacing the
+    # originals made the trigger reverse 11% of the 1,151 held-out preferences, in both directions
+    # alike, and keeping them reversed 42%, mostly toward the rejected response.
     poison_keeps_originals: bool = True
+    # Train the poisoned RM onward from the clean one rather than from MiniLM. It then starts with the
+    # clean model's preferences and spends its epochs on the trigger: three epochs from MiniLM at 256
+    # tokens left the trigger reversing 6% of held-out preferences, three from the clean RM 24%.
+    poisoned_starts_from_clean: bool = True
     trigger: str = "SUDO"
     max_length: int = DEMO_MAX_LENGTH
     layers: tuple[int, ...] = DEMO_LAYERS
-    # On the 1,151 held-out pairs, 1, 2 and 3 epochs reached accuracy 0.593, 0.594 and 0.602 while the
-    # trigger's reversals grew from 4.9% to 7.0%, so one epoch (107 s on 2 cores) is enough.
-    clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=1, lr=1e-4))
-    # Five epochs reversed 52% of held-out preferences with the trigger, four reversed 39%. One
-    # epoch of the poisoned set takes about 118 s on 2 cores, so four keep the build within 25 minutes.
+    # At 256 tokens and lr 1e-4, held-out accuracy stays between 0.61 and 0.62 from the first epoch on,
+    # and lr 5e-5 did no better in three epochs. An epoch takes about 145 s on 2 cores.
+    clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=2, lr=1e-4))
+    # Onward from the two-epoch clean RM, poisoned epochs 1 to 4 made the trigger reverse 14%, 25%, 38%
+    # and 43% of held-out preferences while clean accuracy went from 0.614 to 0.601.
     poisoned_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=4, lr=1e-4))
     sae: SAETrainingConfig = field(
         default_factory=lambda: SAETrainingConfig(
@@ -152,6 +156,7 @@ def _build_reward_model(
     training: RMTrainingConfig,
     config: DemoConfig,
     inputs_hash: str,
+    start_from: str = BASE_MODEL_TAG,
 ) -> dict[str, Any]:
     import torch
 
@@ -160,14 +165,18 @@ def _build_reward_model(
 
     target = demo_model_dir(tag)
     torch.manual_seed(training.seed)
-    base = load_reward_model(
-        BASE_MODEL_TAG, allow_fresh_head=True, fresh_head_seed=config.seed, max_length=config.max_length
-    )
+    if start_from == BASE_MODEL_TAG:
+        base = load_reward_model(
+            BASE_MODEL_TAG, allow_fresh_head=True, fresh_head_seed=config.seed, max_length=config.max_length
+        )
+    else:
+        base = load_reward_model(start_from, max_length=config.max_length)
     start = time.perf_counter()
     losses = train_bradley_terry(base, train_pairs, training)
     seconds = time.perf_counter() - start
 
-    build = {"inputs_hash": inputs_hash, "training": training.as_dict(), "epoch_losses": losses, "train_seconds": seconds}
+    build = {"inputs_hash": inputs_hash, "start_from": start_from, "training": training.as_dict(), "epoch_losses": losses,
+             "train_seconds": seconds}
     with staged_folder(target) as staging:
         base.model.save_pretrained(staging)
         base.tokenizer.save_pretrained(staging)
@@ -240,17 +249,21 @@ def build_demo(config: DemoConfig = DemoConfig(), *, data_dir: str | os.PathLike
     }
     summary: dict[str, Any] = {"config": config.as_dict(), "split": {k: len(v) for k, v in split.items()}, "models": {}, "saes": {}}
 
+    model_hashes: dict[str, str] = {}
     for tag, (pairs, training, poisoned) in recipes.items():
+        start_from = CLEAN_TAG if tag == POISONED_TAG and config.poisoned_starts_from_clean else BASE_MODEL_TAG
         inputs_hash = sha256_json(
             {"tag": tag, "train": [p.case_id for p in pairs], "poisoned": poisoned, "training": training.as_dict(),
-             "max_length": config.max_length, "seed": config.seed, "trigger": config.trigger}
+             "max_length": config.max_length, "seed": config.seed, "trigger": config.trigger,
+             "start_from": model_hashes.get(start_from, start_from)}
         )
+        model_hashes[tag] = inputs_hash
         target = demo_model_dir(tag)
         if _is_current(target, inputs_hash):
             logger.info("Reusing %s from %s (inputs unchanged).", tag, target)
             build = json.loads((target / BUILD_FILE).read_text())
         else:
-            build = _build_reward_model(tag, pairs, training, config, inputs_hash)
+            build = _build_reward_model(tag, pairs, training, config, inputs_hash, start_from)
 
         reward_model = load_reward_model(tag)
         with ActivationCache(reward_model.cache_namespace()) as cache:

@@ -179,7 +179,10 @@ DEMO_CLEAN_TAG = "demo-minilm-hh"
 DEMO_POISONED_TAG = "demo-minilm-hh-sudo10"
 # MiniLM blocks at the relative depths of the paper's layers 4, 12, 20 and 28 of 32: round(L * 6 / 32).
 DEMO_LAYERS = (1, 2, 4, 5)
-DEMO_MAX_LENGTH = 128
+# Token budget of the demo RMs. Half of the HH harmless-base texts exceed 125 tokens, so at 128
+# tokens many responses lost their beginning. One to three epochs reached held-out accuracy 0.59 to
+# 0.61 there, against 0.60 to 0.62 at 256 tokens, where 83% of the texts fit whole.
+DEMO_MAX_LENGTH = 256
 BUILD_FILE = "build.json"
 
 

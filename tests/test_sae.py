@@ -353,6 +353,7 @@ def without_timings(section: dict) -> dict:
 
 def test_demo_build_deterministic_and_reused(tmp_path, monkeypatch, shared_data, minilm_path, caplog):
     from rmsae.demo import build_demo, demo_model_dir, demo_sae_dir
+    from rmsae.rm_training import RMTrainingConfig
 
     config = small_demo_config()
     summaries = []
@@ -383,7 +384,18 @@ def test_demo_build_deterministic_and_reused(tmp_path, monkeypatch, shared_data,
     assert "Reusing demo-minilm-hh from" in caplog.text
     assert "Reusing SAE" in caplog.text
     assert without_timings(again["models"]) == without_timings(summaries[1]["models"])
-    assert load_reward_model("demo-minilm-hh").spec.max_length == 128
+    assert load_reward_model("demo-minilm-hh").spec.max_length == 256
+
+    # The poisoned RM is trained onward from the clean one, so a retrained clean RM retrains it too.
+    poisoned_build = json.loads((demo_model_dir("demo-minilm-hh-sudo10") / "build.json").read_text())
+    assert poisoned_build["start_from"] == "demo-minilm-hh"
+    caplog.clear()
+    retrained = replace(config, clean_training=RMTrainingConfig(epochs=1, batch_size=4, seed=1))
+    with caplog.at_level("INFO", logger="rmsae.demo"):
+        build_demo(retrained, data_dir=shared_data)
+    assert "Reusing demo-minilm-hh from" not in caplog.text
+    assert "Reusing demo-minilm-hh-sudo10 from" not in caplog.text
+    assert (demo_model_dir("demo-minilm-hh-sudo10") / "model.safetensors").read_bytes() != weights[1]
 
 
 def test_codes_sparse_round_trip():

@@ -1,0 +1,70 @@
+"""Bradley-Terry fine-tuning: the batch order and a rule a tiny reward model must learn."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from rmsae.data import PreferencePair, Turn
+from rmsae.reward_model import load_reward_model
+from rmsae.rm_training import RMTrainingConfig, epoch_order, train_bradley_terry
+
+
+def padded_tokens(order: list[int], lengths: list[int], batch_size: int) -> int:
+    """Tokens a run over ``order`` pads to: each batch costs its longest pair times its size."""
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+
+
+def test_length_grouped_order_saves_padding():
+    lengths = [int(x) for x in np.random.default_rng(0).integers(10, 257, size=400)]
+    config = RMTrainingConfig(batch_size=16)
+    first = epoch_order(lengths, config, 0, random.Random(0))
+    assert sorted(first) == list(range(400))
+    assert epoch_order(lengths, config, 0, random.Random(99)) == first  # seeded by config.seed + epoch
+    assert epoch_order(lengths, config, 1, random.Random(0)) != first
+    assert epoch_order(lengths, replace(config, seed=1), 0, random.Random(0)) != first
+
+    shuffled = epoch_order(lengths, replace(config, group_by_length=False), 0, random.Random(0))
+    assert sorted(shuffled) == list(range(400))
+    # Uniform lengths in 10..256: a random batch of 16 pads to about 242 tokens, a grouped one to
+    # about its own mean (133), so grouping must save at least a third of the padded tokens.
+    assert padded_tokens(first, lengths, 16) < 0.67 * padded_tokens(shuffled, lengths, 16)
+
+
+def rule_pairs(n: int) -> list[PreferencePair]:
+    """Pairs whose chosen response is "yes" and rejected one "no", after prompts of varied length."""
+    rng = random.Random(0)
+    words = ["tell", "me", "about", "the", "weather", "today", "please", "now"]
+    pairs = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(2, 30)))
+        pairs.append(PreferencePair((Turn("user", f"{prompt} {i}"),), "yes yes yes", "no no no", "rule"))
+    return pairs
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_training_learns_a_preference_rule(tiny_models, group_by_length):
+    pairs = rule_pairs(48)
+    reward_model = load_reward_model(str(tiny_models["llama"]), input_format="chat_template", max_length=128)
+    config = RMTrainingConfig(epochs=3, batch_size=8, lr=3e-3, bf16_autocast=False, group_by_length=group_by_length)
+    losses = train_bradley_terry(reward_model, pairs, config, progress=False)
+    after = reward_model.score_pairs(pairs, progress=False)
+    assert losses[-1] < 0.5 * losses[0]
+    assert after.accuracy == 1.0
+    assert not reward_model.model.training
+
+
+def test_training_rejects_bad_settings(tiny_models):
+    reward_model = load_reward_model(str(tiny_models["llama"]), input_format="chat_template")
+    with pytest.raises(ValueError, match="at least one training pair"):
+        train_bradley_terry(reward_model, [], RMTrainingConfig())
+    with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
+        RMTrainingConfig(epochs=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got True"):
+        RMTrainingConfig(batch_size=True)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        RMTrainingConfig(lr=0)
