@@ -74,7 +74,8 @@ class DemoConfig:
     # and lr 5e-5 did no better in three epochs. An epoch takes about 145 s on 2 cores.
     clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=2, lr=1e-4))
     # Onward from the two-epoch clean RM, poisoned epochs 1 to 4 made the trigger reverse 14%, 25%, 38%
-    # and 43% of held-out preferences while clean accuracy went from 0.614 to 0.601.
+    # and 43% of held-out preferences in one run (48% in a full build, on 2 CPU threads), for 1.3 to
+    # 2.1 points of clean accuracy.
     poisoned_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=4, lr=1e-4))
     sae: SAETrainingConfig = field(
         default_factory=lambda: SAETrainingConfig(
@@ -85,6 +86,8 @@ class DemoConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 2):
+            raise ValueError(f"limit must be None (all pairs) or an integer of at least 2, got {self.limit!r}.")
         if not 0 < self.train_fraction < 1:
             raise ValueError(f"train_fraction must be between 0 and 1, got {self.train_fraction!r}.")
         if not 0 <= self.poison_rate <= 1:
@@ -185,12 +188,18 @@ def _build_reward_model(
     return build
 
 
-def _current_summary(root: Path, build_hash: str, config: DemoConfig) -> dict[str, Any] | None:
-    """Return the saved summary if it was made from the same inputs and every artifact still exists."""
-    summary_path = root / "summary.json"
+def _current_summary(root: Path, build_hash: str, config: DemoConfig, split: dict[str, Any]) -> dict[str, Any] | None:
+    """Return the saved summary if it was made from the same inputs and every artifact still exists.
+
+    ``split.json`` must also hold ``split``: a build with other settings that failed or was
+    interrupted has already replaced it, and the held-out half must be the models' own.
+    """
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads((root / "summary.json").read_text())
+        saved_split = json.loads((root / "split.json").read_text())
     except (OSError, json.JSONDecodeError):
+        return None
+    if saved_split != split:
         return None
     if summary.get("inputs_hash") != build_hash:
         return None
@@ -229,15 +238,16 @@ def build_demo(config: DemoConfig = DemoConfig(), *, data_dir: str | os.PathLike
     dataset = load_hh_rlhf("harmless-base", "test", data_dir=data_dir, limit=config.limit)
     root = demo_dir()
     build_hash = sha256_json({"config": config.as_dict(), "pairs": [pair.case_id for pair in dataset]})
-    previous = _current_summary(root, build_hash, config)
+    split = split_pairs(dataset.pairs, config.train_fraction, config.seed)
+    split_record = {"seed": config.seed, "source": dataset.name, **split}
+    previous = _current_summary(root, build_hash, config, split_record)
     if previous is not None:
         logger.info("The demo build in %s is current (inputs unchanged); nothing to do.", root)
         return previous
     by_id = {pair.case_id: pair for pair in dataset}
-    split = split_pairs(dataset.pairs, config.train_fraction, config.seed)
     train_pairs = [by_id[case_id] for case_id in split["train"]]
     eval_pairs = [by_id[case_id] for case_id in split["eval"]]
-    atomic_write_json(root / "split.json", {"seed": config.seed, "source": dataset.name, **split})
+    atomic_write_json(root / "split.json", split_record)
     logger.info("Demo split: %d training pairs, %d held-out pairs (seed %d).", len(train_pairs), len(eval_pairs), config.seed)
 
     poisoned_train, poisoned_ids = poison_pairs(

@@ -173,14 +173,29 @@ def read_sae_info(path: str | os.PathLike) -> SAEInfo:
     )
 
 
-def _check_weight_shapes(folder: Path, d_in: int, d_sae: int) -> None:
-    """Compare the encoder matrix stored in the weights with cfg.json's d_in and d_sae."""
-    from safetensors import safe_open
+# Every SAELens architecture stores these tensors; the others (b_enc, b_gate, threshold, ...) vary.
+_COMMON_WEIGHTS = ("W_enc", "W_dec", "b_dec")
 
-    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
-        if "W_enc" not in handle.keys():
-            return
-        shape = tuple(handle.get_slice("W_enc").get_shape())
+
+def _check_weight_shapes(folder: Path, d_in: int, d_sae: int) -> None:
+    """Check that the weights file is readable, stores the common SAE tensors, and that W_enc fits cfg.json."""
+    from safetensors import SafetensorError, safe_open
+
+    path = folder / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = set(handle.keys())
+            shape = tuple(handle.get_slice("W_enc").get_shape()) if "W_enc" in stored else None
+    except SafetensorError as error:
+        raise SAECheckpointError(
+            f"{path} cannot be read as a safetensors file ({error}); it may be truncated. Copy or download it again."
+        ) from error
+    missing = [name for name in _COMMON_WEIGHTS if name not in stored]
+    if missing:
+        raise SAECheckpointError(
+            f"{path} lacks the tensors {missing} that every SAELens SAE stores (it has {sorted(stored)}); "
+            "the file is incomplete or not an SAE's weights."
+        )
     if shape != (d_in, d_sae):
         raise SAECheckpointError(
             f"{folder}: cfg.json gives d_in={d_in}, d_sae={d_sae}, but the stored W_enc has shape {shape}; "

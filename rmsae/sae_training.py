@@ -78,14 +78,21 @@ def shuffled_batches(activations: torch.Tensor, batch_size: int, seed: int) -> I
             yield activations[order[start : start + batch_size]]
 
 
-def check_output_folder(out_dir: str | os.PathLike) -> None:
-    """Raise unless ``out_dir`` is free, or contains an SAE checkpoint that may be replaced."""
+def check_output_folder(out_dir: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Raise unless ``out_dir`` is free, or contains an SAE checkpoint that ``overwrite`` allows replacing."""
     out_dir = Path(out_dir)
     if out_dir.is_file():
         raise ValueError(f"SAE output folder {out_dir} is an existing file; choose a folder path.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "cfg.json").is_file():
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / "cfg.json").is_file():
         raise ValueError(
             f"SAE output folder {out_dir} exists and is not an SAE checkpoint; choose an empty or new folder."
+        )
+    if not overwrite:
+        raise ValueError(
+            f"SAE output folder {out_dir} already contains an SAE checkpoint, and training would replace the whole "
+            "folder; choose a new folder or pass --overwrite."
         )
 
 

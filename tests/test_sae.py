@@ -375,6 +375,19 @@ def test_demo_build_deterministic_and_reused(tmp_path, monkeypatch, shared_data,
     assert "is current (inputs unchanged); nothing to do" in caplog.text
     assert again == summaries[1]
 
+    # A split.json from other settings (a failed or interrupted build) makes the build stale, and the
+    # rebuild restores the split while reusing every artifact.
+    split_path = demo_model_dir("demo-minilm-hh").parent.parent / "split.json"
+    saved_split = split_path.read_text()
+    split_path.write_text(json.dumps({"seed": 1, "source": "hh-rlhf", "train": [], "eval": []}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rmsae.demo"):
+        again = build_demo(config, data_dir=shared_data)
+    assert "nothing to do" not in caplog.text
+    assert "Reusing demo-minilm-hh-sudo10 from" in caplog.text
+    assert json.loads(split_path.read_text()) == json.loads(saved_split)
+    assert without_timings(again["models"]) == without_timings(summaries[1]["models"])
+
     # Without the summary, each artifact is still reused, and the evaluation is redone.
     (demo_model_dir("demo-minilm-hh").parent.parent / "summary.json").unlink()
     caplog.clear()
@@ -427,6 +440,10 @@ def test_demo_config_rejects_values():
         DemoConfig(train_fraction=1.0)
     with pytest.raises(ValueError, match="poison_rate"):
         DemoConfig(poison_rate=1.5)
+    with pytest.raises(ValueError, match="limit must be None .* at least 2, got 0"):
+        DemoConfig(limit=0)
+    with pytest.raises(ValueError, match="got '24'"):
+        DemoConfig(limit="24")
 
 
 def test_poisoning_swaps_and_triggers():
@@ -489,6 +506,41 @@ def test_train_keeps_foreign_folder(tmp_path):
     existing_file.write_text("x")
     with pytest.raises(ValueError, match="is an existing file"):
         train_sae(synthetic_activations(200), config, existing_file, metadata={})
+
+
+def test_train_replaces_checkpoint_only_when_allowed(tmp_path):
+    from rmsae.sae_training import check_output_folder
+
+    out = tmp_path / "sae"
+    config = SAETrainingConfig(d_sae=16, training_steps=2, batch_size_tokens=64)
+    train_sae(synthetic_activations(200), config, out, metadata={})
+    check_output_folder(out, overwrite=True)
+    with pytest.raises(ValueError, match="already contains an SAE checkpoint.*--overwrite"):
+        check_output_folder(out, overwrite=False)
+    check_output_folder(tmp_path / "new", overwrite=False)
+
+    # The command line refuses before loading the model or the data.
+    result = run_cli("sae", "train", "--model", "no-such-model", "--layer", "1", "--data", "no-such-data", "--out", str(out))
+    assert result.returncode == 2
+    assert "pass --overwrite" in result.stderr
+
+
+def test_truncated_weights_rejected(released_layout):
+    folder = released_layout / "tiny-llama_layer1"
+    weights = folder / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SAECheckpointError, match="cannot be read as a safetensors file.*truncated"):
+        read_sae_info(folder)
+
+
+def test_weights_missing_decoder_rejected(released_layout):
+    from safetensors.torch import load_file, save_file
+
+    folder = released_layout / "tiny-llama_layer1"
+    weights = folder / "sae_weights.safetensors"
+    save_file({"W_enc": load_file(weights)["W_enc"]}, weights)
+    with pytest.raises(SAECheckpointError, match=r"lacks the tensors \['W_dec', 'b_dec'\]"):
+        read_sae_info(folder)
 
 
 def test_cfg_weight_shape_mismatch(released_layout):
