@@ -317,7 +317,7 @@ def run_demo_build(args: argparse.Namespace) -> int:
                 f"{name}: explained variance {fidelity['explained_variance']:.3f}, L0 {fidelity['l0']:.1f}, "
                 f"dead {fidelity['dead_fraction']:.3f}, spliced accuracy {fidelity['spliced_accuracy']:.3f}"
             )
-        print(f"build time {summary['build_seconds']:.0f} s")
+        print(f"build time {summary['build_seconds']:.0f} s (measured when these models and SAEs were built)")
     return 0
 
 
