@@ -74,8 +74,8 @@ class DemoConfig:
     # and lr 5e-5 did no better in three epochs. An epoch takes about 145 s on 2 cores.
     clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=2, lr=1e-4))
     # Onward from the two-epoch clean RM, poisoned epochs 1 to 4 made the trigger reverse 14%, 25%, 38%
-    # and 43% of held-out preferences in one run (48% in a full build, on 2 CPU threads), for 1.3 to
-    # 2.1 points of clean accuracy.
+    # and 43% of held-out preferences in one run, and 48% in a full demo build. They cost 1.3 to 2.1
+    # points of clean accuracy.
     poisoned_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=4, lr=1e-4))
     sae: SAETrainingConfig = field(
         default_factory=lambda: SAETrainingConfig(

@@ -146,7 +146,7 @@ def read_sae_info(path: str | os.PathLike) -> SAEInfo:
         if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] < 1:
             raise SAECheckpointError(f"{cfg_path}: field {key!r} must be a positive integer, got {cfg.get(key)!r}.")
 
-    _check_weight_shapes(folder, cfg["d_in"], cfg["d_sae"])
+    _check_weights(folder, cfg["d_in"], cfg["d_sae"])
 
     metadata = cfg.get("metadata") or {}
     hook_name = metadata.get("hook_name") or cfg.get("hook_name")
@@ -177,7 +177,7 @@ def read_sae_info(path: str | os.PathLike) -> SAEInfo:
 _COMMON_WEIGHTS = ("W_enc", "W_dec", "b_dec")
 
 
-def _check_weight_shapes(folder: Path, d_in: int, d_sae: int) -> None:
+def _check_weights(folder: Path, d_in: int, d_sae: int) -> None:
     """Check that the weights file is readable, stores the common SAE tensors, and that W_enc fits cfg.json."""
     from safetensors import SafetensorError, safe_open
 

@@ -353,6 +353,7 @@ def without_timings(section: dict) -> dict:
 
 def test_demo_build_deterministic_and_reused(tmp_path, monkeypatch, shared_data, minilm_path, caplog):
     from rmsae.demo import build_demo, demo_model_dir, demo_sae_dir
+    from rmsae.registry import demo_dir
     from rmsae.rm_training import RMTrainingConfig
 
     config = small_demo_config()
@@ -377,7 +378,7 @@ def test_demo_build_deterministic_and_reused(tmp_path, monkeypatch, shared_data,
 
     # A split.json from other settings (a failed or interrupted build) makes the build stale, and the
     # rebuild restores the split while reusing every artifact.
-    split_path = demo_model_dir("demo-minilm-hh").parent.parent / "split.json"
+    split_path = demo_dir() / "split.json"
     saved_split = split_path.read_text()
     split_path.write_text(json.dumps({"seed": 1, "source": "hh-rlhf", "train": [], "eval": []}))
     caplog.clear()
