@@ -24,10 +24,16 @@ endif
 
 # tcmalloc keeps the memory of freed tensors for the next batch. With glibc's malloc, PyTorch's large
 # CPU tensors go back to the kernel when freed, and each batch faults them back in as zeroed pages:
-# on 2 AMD EPYC cores that was a third of the CPU time of demo RM training, and tcmalloc cut the wall
+# on 2 AMD EPYC cores that was a quarter of the CPU time of demo RM training, and tcmalloc cut the wall
 # time of a training step by a quarter (benchmarks/bench_rm_training.py). It is preloaded when
 # Debian's libtcmalloc-minimal4 (or the same library elsewhere) is installed; TCMALLOC= turns it off.
 TCMALLOC ?= $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4))
+ifneq ($(TCMALLOC),)
+ifeq ($(wildcard $(TCMALLOC)),)
+$(warning TCMALLOC=$(TCMALLOC) is not a file; running without tcmalloc. Give the path of libtcmalloc_minimal.so.4, or TCMALLOC= to silence this.)
+override TCMALLOC :=
+endif
+endif
 ifneq ($(TCMALLOC),)
 export LD_PRELOAD := $(TCMALLOC)$(if $(LD_PRELOAD), $(LD_PRELOAD))
 # tcmalloc otherwise prints a line to stderr for every allocation above 1 GiB.

@@ -18,6 +18,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -43,6 +44,9 @@ def run_variant(bf16: bool, pairs: int, max_length: int, out_path: str) -> None:
     from rmsae.rm_training import RMTrainingConfig, train_bradley_terry
 
     dataset = load_hh_rlhf(limit=pairs + WARMUP_PAIRS)
+    timed_pairs = dataset.pairs[WARMUP_PAIRS:]
+    if not timed_pairs:
+        raise SystemExit(f"Only {len(dataset.pairs)} pairs loaded; the benchmark needs more than {WARMUP_PAIRS}.")
     rm = load_reward_model("all-minilm-l6-v2", allow_fresh_head=True, max_length=max_length)
     config = RMTrainingConfig(epochs=1, bf16_autocast=bf16)
     # Warm-up steps, so that one-time costs (kernel selection, first allocations) do not count.
@@ -50,10 +54,10 @@ def run_variant(bf16: bool, pairs: int, max_length: int, out_path: str) -> None:
 
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    train_bradley_terry(rm, dataset.pairs[WARMUP_PAIRS:], config, progress=False)
+    train_bradley_terry(rm, timed_pairs, config, progress=False)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
-    steps = -(-pairs // config.batch_size)
+    steps = -(-len(timed_pairs) // config.batch_size)
     with open(out_path, "w") as handle:
         json.dump(
             {
@@ -79,7 +83,9 @@ def find_tcmalloc() -> str | None:
 def variant_env(tcmalloc: str | None) -> dict[str, str]:
     """Return the current environment with tcmalloc removed from LD_PRELOAD, or put first in it."""
     env = dict(os.environ)
-    preloads = [entry for entry in env.get("LD_PRELOAD", "").split() if "tcmalloc" not in os.path.basename(entry)]
+    # ld.so separates LD_PRELOAD entries by spaces or colons.
+    entries = [entry for entry in re.split(r"[:\s]+", env.get("LD_PRELOAD", "")) if entry]
+    preloads = [entry for entry in entries if "tcmalloc" not in os.path.basename(entry)]
     if tcmalloc:
         preloads.insert(0, tcmalloc)
         env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
@@ -100,6 +106,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.pairs < 1:
         parser.error(f"--pairs must be at least 1, got {args.pairs}.")
+    if args.max_length < 16:
+        parser.error(f"--max-length must be at least 16 tokens, got {args.max_length}.")
     if args.variant:
         run_variant(VARIANTS[args.variant][2], args.pairs, args.max_length, args.out)
         return
