@@ -71,12 +71,14 @@ class DemoConfig:
     max_length: int = DEMO_MAX_LENGTH
     layers: tuple[int, ...] = DEMO_LAYERS
     # At 256 tokens and lr 1e-4, held-out accuracy after each epoch was 0.616 and 0.614 when training
-    # for two epochs, and 0.623, 0.622 and 0.620 for three (the same figures on two different CPUs).
-    # Runs differ by about 0.01, the standard error on 1,151 pairs. lr 5e-5 and 512 tokens did worse.
-    clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=3, lr=1e-4))
-    # Onward from a two-epoch clean RM, poisoned epochs 1 to 4 made the trigger reverse 14%, 25%, 38%
+    # for two epochs, and 0.623, 0.622 and 0.620 for three, scored in float32 (the same figures on two
+    # different CPUs). Scored with the demo tags' bfloat16 autocast, both runs end at 0.616. The poisoned
+    # RM trained onward from the three-epoch one ended 2.8 points under it and reversed more pairs toward
+    # the chosen response (17% against 13%), so the third epoch is not worth its 160 s.
+    clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=2, lr=1e-4))
+    # Onward from the two-epoch clean RM, poisoned epochs 1 to 4 made the trigger reverse 14%, 25%, 38%
     # and 43% of held-out preferences in one run, and 48% in a full demo build, at 1.3 to 2.1 points of
-    # clean accuracy. Onward from the three-epoch one, the first epoch reversed only 6%.
+    # clean accuracy.
     poisoned_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=4, lr=1e-4))
     sae: SAETrainingConfig = field(
         default_factory=lambda: SAETrainingConfig(
