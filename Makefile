@@ -23,9 +23,9 @@ export HF_HUB_OFFLINE ?= 1
 endif
 
 # tcmalloc keeps the memory of freed tensors for the next batch. With glibc's malloc, PyTorch's large
-# CPU tensors go back to the kernel when freed, and each batch faults them back in as zeroed pages:
-# on 2 AMD EPYC cores that was a quarter of the CPU time of demo RM training, and tcmalloc cut the wall
-# time of a training step by a quarter (benchmarks/bench_rm_training.py). It is preloaded when
+# CPU tensors go back to the kernel when freed, and each batch faults them back in as zeroed pages.
+# On 2 AMD EPYC cores that was a quarter of the CPU time of demo RM training, and tcmalloc cut a
+# training step from 2.90 s to 2.15 s (benchmarks/bench_rm_training.py). It is preloaded when
 # Debian's libtcmalloc-minimal4 (or the same library elsewhere) is installed; TCMALLOC= turns it off.
 TCMALLOC ?= $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4))
 ifneq ($(TCMALLOC),)
