@@ -182,7 +182,7 @@ DEMO_LAYERS = (1, 2, 4, 5)
 # Token budget of the demo RMs. Half of the HH harmless-base texts exceed 125 tokens, so at 128
 # tokens many responses lost their beginning. One to three epochs reached held-out accuracy 0.59 to
 # 0.61 there, against 0.60 to 0.62 at 256 tokens, where 83% of the texts fit whole. At 512 tokens
-# (97% whole), two epochs reached only 0.593 and 0.604.
+# (97% of the pairs whole), two epochs reached only 0.593 and 0.604.
 DEMO_MAX_LENGTH = 256
 BUILD_FILE = "build.json"
 
