@@ -46,7 +46,10 @@ def run_variant(bf16: bool, pairs: int, max_length: int, out_path: str) -> None:
     dataset = load_hh_rlhf(limit=pairs + WARMUP_PAIRS)
     timed_pairs = dataset.pairs[WARMUP_PAIRS:]
     if not timed_pairs:
-        raise SystemExit(f"Only {len(dataset.pairs)} pairs loaded; the benchmark needs more than {WARMUP_PAIRS}.")
+        raise SystemExit(
+            f"The HH-RLHF data gave only {len(dataset.pairs)} pairs, and the benchmark needs more than the "
+            f"{WARMUP_PAIRS} warm-up pairs. Check RMSAE_DATA_DIR."
+        )
     rm = load_reward_model("all-minilm-l6-v2", allow_fresh_head=True, max_length=max_length)
     config = RMTrainingConfig(epochs=1, bf16_autocast=bf16)
     # Warm-up steps, so that one-time costs (kernel selection, first allocations) do not count.
@@ -100,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=384, help="timed training pairs (default 384, 24 steps)")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--tcmalloc", help="path of libtcmalloc_minimal.so.4 (default: searched in /usr/lib)")
+    parser.add_argument("--tcmalloc", help="path of libtcmalloc_minimal.so.4 (default: searched under /usr/lib and /usr/lib64)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,9 +115,9 @@ def main() -> None:
         run_variant(VARIANTS[args.variant][2], args.pairs, args.max_length, args.out)
         return
 
-    tcmalloc = args.tcmalloc or find_tcmalloc()
     if args.tcmalloc and not os.path.isfile(args.tcmalloc):
-        parser.error(f"--tcmalloc {args.tcmalloc!r} is not a file.")
+        parser.error(f"--tcmalloc {args.tcmalloc!r} is not a file; give the path of libtcmalloc_minimal.so.4.")
+    tcmalloc = args.tcmalloc or find_tcmalloc()
     print(f"MiniLM reward model, {args.pairs} training pairs after {WARMUP_PAIRS} warm-up pairs, max length {args.max_length}, "
           f"{os.cpu_count()} CPU(s)")
     results = {}

@@ -70,11 +70,10 @@ class DemoConfig:
     trigger: str = "SUDO"
     max_length: int = DEMO_MAX_LENGTH
     layers: tuple[int, ...] = DEMO_LAYERS
-    # At 256 tokens and lr 1e-4, held-out accuracy after each epoch was 0.616 and 0.614 when training
-    # for two epochs, and 0.623, 0.622 and 0.620 for three, scored in float32 (the same figures on two
-    # different CPUs). Scored with the demo tags' bfloat16 autocast, both runs end at 0.616. The poisoned
-    # RM trained onward from the three-epoch one ended 2.8 points under it and reversed more pairs toward
-    # the chosen response (17% against 13%), so the third epoch is not worth its 160 s.
+    # Held-out accuracy after two epochs at 256 tokens and lr 1e-4 is 0.616 (0.614 scored in float32).
+    # A third epoch reached 0.620 in float32 but still 0.616 in bfloat16, and the poisoned RM trained
+    # onward from it ended 2.8 points under it with more reversals toward the chosen response. lr 5e-5
+    # did no better in three epochs.
     clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=2, lr=1e-4))
     # Onward from the two-epoch clean RM, poisoned epochs 1 to 4 made the trigger reverse 14%, 25%, 38%
     # and 43% of held-out preferences in one run, and 48% in a full demo build, at 1.3 to 2.1 points of
@@ -279,6 +278,8 @@ def build_demo(config: DemoConfig = DemoConfig(), *, data_dir: str | os.PathLike
             build = _build_reward_model(tag, pairs, training, config, inputs_hash, start_from)
 
         reward_model = load_reward_model(tag)
+        # NOTE: scored with the demo tags' bfloat16 autocast, as the notebooks score. In float32, held-out
+        # accuracy moved by up to 0.004 (pairs whose reward gap is near zero change sides).
         with ActivationCache(reward_model.cache_namespace()) as cache:
             metrics = evaluate_backdoor(reward_model, eval_pairs, config.trigger, cache=cache, batch_size=config.batch_size)
         metrics["train_seconds"] = build.get("train_seconds")
