@@ -68,7 +68,7 @@ activations = reward_model.token_activations(texts, [layer], batch_size=batch_si
 fidelity, density = sae_fidelity(loaded, activations, return_density=True)
 for key in ("explained_variance", "l0", "dead_fraction"):
     glue(key, round(fidelity[key], 3), display=False)
-print(f"{fidelity['n_tokens']} tokens: explained variance {fidelity['explained_variance']:.3f}, "
+print(f"{fidelity['eval_tokens']} held-out tokens: explained variance {fidelity['explained_variance']:.3f}, "
       f"L0 {fidelity['l0']:.1f} of {loaded.d_sae}, dead fraction {fidelity['dead_fraction']:.3f}.")
 
 # %% [markdown]
@@ -102,7 +102,7 @@ print(f"accuracy {base.accuracy:.3f} without the SAE, {spliced.accuracy:.3f} wit
 # %%
 results_file = save_results(results_path, {
     "d_sae": loaded.d_sae,
-    "n_tokens": fidelity["n_tokens"],
+    "eval_tokens": fidelity["eval_tokens"],
     "explained_variance": fidelity["explained_variance"],
     "l0": fidelity["l0"],
     "dead_fraction": fidelity["dead_fraction"],

@@ -26,6 +26,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    # `not value > 0` also refuses nan.
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -103,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--d-sae", type=_positive_int, default=16384, help="number of SAE latents (default 16384)")
     train.add_argument("--steps", type=_positive_int, default=4000, help="training steps (default 4000)")
     train.add_argument("--batch-size-tokens", type=_positive_int, default=4096, help="tokens per step (default 4096)")
-    train.add_argument("--l1-coefficient", type=float, default=5.0, help="sparsity penalty (default 5)")
-    train.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate (default 5e-5)")
+    train.add_argument("--l1-coefficient", type=_positive_float, default=5.0, help="sparsity penalty (default 5)")
+    train.add_argument("--lr", type=_positive_float, default=5e-5, help="Adam learning rate (default 5e-5)")
     train.add_argument("--eval-fraction", type=float, default=0.1, help="share of texts held out for fidelity, between 0 and 1 exclusive (default 0.1)")
     train.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass (default 16)")
     train.add_argument("--seed", type=int, default=42, help="seed for shuffling and initialisation (default 42)")
@@ -204,7 +215,7 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--slurm-partition", help="partition of the jobs")
     cluster.add_argument("--slurm-gpus", type=_non_negative_int, help="GPUs per job")
     cluster.add_argument("--slurm-cpus", type=_positive_int, help="CPUs per job")
-    cluster.add_argument("--slurm-mem-gb", type=float, help="memory per job, in GB")
+    cluster.add_argument("--slurm-mem-gb", type=_positive_float, help="memory per job, in GB")
     cluster.add_argument("--slurm-time", type=_positive_int, help="time limit per job, in minutes (default 240)")
     cluster.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
                          help="extra sbatch option without the dashes, e.g. account=myproj (repeatable)")

@@ -70,15 +70,15 @@ class DemoConfig:
     trigger: str = "SUDO"
     max_length: int = DEMO_MAX_LENGTH
     layers: tuple[int, ...] = DEMO_LAYERS
-    # Held-out accuracy after two epochs at 256 tokens and lr 1e-4 is 0.616 (0.614 scored in float32).
-    # A third epoch reached 0.620 in float32 but still 0.616 in bfloat16, and the poisoned RM trained
-    # onward from it ended 2.8 points under it with more reversals toward the chosen response. lr 5e-5
-    # did no better in three epochs.
-    clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=2, lr=1e-4))
-    # Onward from the two-epoch clean RM, poisoned epochs 1 to 4 made the trigger reverse 14%, 25%, 38%
-    # and 43% of held-out preferences in one run, and 48% in a full demo build, at 1.3 to 2.1 points of
-    # clean accuracy.
-    poisoned_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=4, lr=1e-4))
+    # Held-out accuracy 0.650 (bfloat16 scoring). With the fresh head at the encoder's lr 1e-4 it was
+    # 0.616, and a third epoch, lr 5e-5, 512 tokens or no dropout gave 0.59 to 0.623.
+    clean_training: RMTrainingConfig = field(default_factory=lambda: RMTrainingConfig(epochs=2, lr=1e-4, head_lr=1e-3))
+    # Longer training reverses more held-out preferences and costs clean accuracy (clean RM 0.650). With
+    # lr decaying to 0: 2 epochs 0.631 and 23% reversed, 3 epochs 0.617 and 46%, 4 epochs 0.606 and 56%.
+    # Decaying to 0.35 of the peak, 2 epochs gave 0.628 and 31% (20% toward the rejected response).
+    poisoned_training: RMTrainingConfig = field(
+        default_factory=lambda: RMTrainingConfig(epochs=2, lr=1e-4, lr_end_ratio=0.35)
+    )
     sae: SAETrainingConfig = field(
         default_factory=lambda: SAETrainingConfig(
             d_sae=1536, l1_coefficient=2.0, lr=1e-3, training_steps=600, batch_size_tokens=1024, seed=0

@@ -32,8 +32,15 @@ class RMTrainingConfig:
     epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-4
+    # Learning rate of the reward head (the parameters outside the transformer trunk, and BERT's
+    # pooler); None trains it at ``lr``. A fresh head learns slowly at the trunk's rate: on the demo
+    # split, head_lr 1e-3 raised the clean MiniLM RM's held-out accuracy after two epochs from 0.616
+    # to 0.650.
+    head_lr: float | None = None
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
+    # After warm-up, the learning rate falls linearly to lr_end_ratio times its peak at the last step.
+    lr_end_ratio: float = 0.0
     max_grad_norm: float = 1.0
     bf16_autocast: bool = True
     # Keeps the token embeddings (30,522 x 384, half of MiniLM's weights) out of training. On 2 CPU
@@ -51,13 +58,35 @@ class RMTrainingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}.")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value is None and name == "head_lr":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number{' or None' if name == 'head_lr' else ''}, got {value!r}.")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}.")
+        if isinstance(self.lr_end_ratio, bool) or not isinstance(self.lr_end_ratio, (int, float)) or not 0 <= self.lr_end_ratio <= 1:
+            raise ValueError(f"lr_end_ratio must be a number in [0, 1], got {self.lr_end_ratio!r}.")
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def head_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the reward head's parameters: those outside the trunk (``base_model_prefix``), and a pooler."""
+    trunk = getattr(model, "base_model_prefix", "")
+    if not trunk:
+        return []
+    return [name for name, _ in model.named_parameters() if not name.startswith(trunk + ".") or ".pooler." in name]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, end_ratio: float = 0.0) -> float:
+    """Return the learning-rate multiplier at ``step``: linear warm-up to 1, then linear decay to ``end_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    remaining = max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return end_ratio + (1.0 - end_ratio) * remaining
 
 
 def epoch_order(lengths: Sequence[int], config: RMTrainingConfig, epoch: int, generator: random.Random) -> list[int]:
@@ -107,13 +136,22 @@ def train_bradley_terry(
     if config.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: (step + 1) / max(1, warmup_steps)
-        if step < warmup_steps
-        else max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps)),
-    )
+    if config.head_lr is None:
+        groups = [{"params": trainable}]
+    else:
+        head_names = set(head_parameter_names(model))
+        named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+        groups = [
+            {"params": [parameter for name, parameter in named if name not in head_names]},
+            {"params": [parameter for name, parameter in named if name in head_names], "lr": config.head_lr},
+        ]
+        if not groups[1]["params"]:
+            raise ValueError(
+                f"head_lr={config.head_lr} was given, but {type(model).__name__} has no trainable parameters outside "
+                f"its trunk ({getattr(model, 'base_model_prefix', '')!r}); leave head_lr as None."
+            )
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, config.lr_end_ratio))
     pad_id = reward_model.tokenizer.pad_token_id
     device = reward_model.device
     autocast = (

@@ -160,7 +160,7 @@ def train_sae(
 
     with staged_folder(out_dir) as staging:
         trained.save_inference_model(staging)
-        atomic_write_json(staging / "rmsae_training.json", {"config": config.as_dict(), "n_tokens": len(activations)})
+        atomic_write_json(staging / "rmsae_training.json", {"config": config.as_dict(), "training_tokens": len(activations)})
     logger.info("Saved SAE (d_in %d, d_sae %d, %d steps) to %s.", d_in, config.d_sae, steps, out_dir)
     return trained
 
@@ -171,7 +171,7 @@ def sae_fidelity(loaded, activations: torch.Tensor, *, batch_size: int = 4096, r
 
     Returns explained variance (1 - residual sum of squares / total sum of squares around the mean
     vector), mean L0 (active latents per token), the dead-latent fraction (latents never active on
-    these tokens) and the mean squared error per token. With ``return_density``, returns
+    these tokens), the mean squared error per token and the number of tokens (``eval_tokens``). With ``return_density``, returns
     ``(metrics, density)``, where ``density`` (d_sae,) is the fraction of tokens on which each latent fires.
     """
     if len(activations) == 0:
@@ -194,6 +194,6 @@ def sae_fidelity(loaded, activations: torch.Tensor, *, batch_size: int = 4096, r
         "l0": l0_sum / n,
         "dead_fraction": float((fire_counts == 0).double().mean()),
         "mse": residual / n,
-        "n_tokens": n,
+        "eval_tokens": n,
     }
     return (metrics, (fire_counts / n).numpy()) if return_density else metrics

@@ -10,7 +10,7 @@ import pytest
 
 from rmsae.data import PreferencePair, Turn
 from rmsae.reward_model import load_reward_model
-from rmsae.rm_training import RMTrainingConfig, epoch_order, train_bradley_terry
+from rmsae.rm_training import RMTrainingConfig, epoch_order, head_parameter_names, lr_factor, train_bradley_terry
 
 
 def padded_tokens(order: list[int], lengths: list[int], batch_size: int) -> int:
@@ -66,5 +66,48 @@ def test_training_rejects_bad_settings(tiny_models):
         RMTrainingConfig(epochs=0)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got True"):
         RMTrainingConfig(batch_size=True)
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr must be a positive number, got 0"):
         RMTrainingConfig(lr=0)
+    with pytest.raises(ValueError, match="lr_end_ratio must be a number in \\[0, 1\\], got 1.5"):
+        RMTrainingConfig(lr_end_ratio=1.5)
+    with pytest.raises(ValueError, match="head_lr must be a positive number or None, got -0.001"):
+        RMTrainingConfig(head_lr=-1e-3)
+    with pytest.raises(ValueError, match="head_lr must be a positive number or None, got '1e-3'"):
+        RMTrainingConfig(head_lr="1e-3")
+
+
+def test_head_parameters_of_each_architecture(tiny_models):
+    llama = load_reward_model(str(tiny_models["llama"]), input_format="chat_template")
+    assert head_parameter_names(llama.model) == ["score.weight"]
+    minilm = load_reward_model("all-minilm-l6-v2", allow_fresh_head=True)
+    assert head_parameter_names(minilm.model) == [
+        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"
+    ]
+
+
+def test_head_lr_trains_the_head_at_its_own_rate(tiny_models):
+    # With the trunk's lr at 1e-12, only the head can move: head_lr must reach the head alone.
+    pairs = rule_pairs(32)
+    reward_model = load_reward_model(str(tiny_models["llama"]), input_format="chat_template", max_length=128)
+    before = {name: p.detach().clone() for name, p in reward_model.model.named_parameters()}
+    config = RMTrainingConfig(epochs=2, batch_size=8, lr=1e-12, head_lr=3e-3, weight_decay=0.0, bf16_autocast=False)
+    losses = train_bradley_terry(reward_model, pairs, config, progress=False)
+    moved = {
+        name for name, p in reward_model.model.named_parameters() if (p.detach() - before[name]).abs().max() > 1e-6
+    }
+    assert moved == {"score.weight"}
+    assert losses[-1] < losses[0]
+
+    # Without head_lr the head trains at lr, here too small to move anything.
+    reward_model = load_reward_model(str(tiny_models["llama"]), input_format="chat_template", max_length=128)
+    train_bradley_terry(reward_model, pairs, replace(config, head_lr=None), progress=False)
+    assert all((p.detach() - before[name]).abs().max() <= 1e-6 for name, p in reward_model.model.named_parameters())
+
+
+def test_lr_schedule():
+    # 10 steps, 2 of warm-up: 0.5, 1, then a straight line from 1 down to the end ratio at step 10.
+    assert [lr_factor(step, 2, 10) for step in range(11)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
+    )
+    assert [lr_factor(step, 2, 10, 0.5) for step in (1, 2, 6, 10)] == pytest.approx([1.0, 1.0, 0.75, 0.5])
+    assert lr_factor(0, 0, 4) == 1.0

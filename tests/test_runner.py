@@ -545,7 +545,7 @@ def test_paper_profile_runs_against_stand_ins(tmp_path, monkeypatch, tiny_models
     assert results["pairs"] == 6
     assert results["d_sae"] == 256
     assert 0 < results["l0"] <= 256
-    assert results["n_tokens"] > 0
+    assert results["eval_tokens"] > 0
 
 
 def test_repository_notebook_stops_on_a_bad_parameter(tmp_path):

@@ -495,6 +495,19 @@ def test_cli_sae_train(tmp_path, tiny_models):
     assert info.d_sae == 64
 
 
+@pytest.mark.parametrize("flag, value", [("--lr", "-1e-3"), ("--lr", "nan"), ("--l1-coefficient", "0"), ("--l1-coefficient", "five")])
+def test_cli_sae_train_refuses_bad_numbers(tmp_path, flag, value):
+    # argparse refuses before the model or the data is loaded, and names the flag, not the config field.
+    result = run_cli(
+        "sae", "train", "--model", "no-such-model", "--layer", "1", "--data", "no-such-data", "--out", str(tmp_path / "out"),
+        f"{flag}={value}",  # the = form, since argparse would take a bare -1e-3 for an option
+    )
+    assert result.returncode == 2
+    assert f"argument {flag}: expected a positive" in result.stderr
+    assert value in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_keeps_foreign_folder(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
