@@ -30,10 +30,17 @@ def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    # `not value > 0` also refuses nan.
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}") from None
+    # `not value > 0` also rejects nan.
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 2 (one pair to train on, one to hold out), got {value}")
     return value
 
 
@@ -129,11 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "build",
         help="fine-tune the demo RMs and train their SAEs (reuses what is built)",
         description="Build demo-minilm-hh, demo-minilm-hh-sudo10 and a Gated SAE per model and demo layer into "
-        "$RMSAE_CACHE_DIR/demo. A build with other settings (--limit, --seed) replaces what is there.",
+        "$RMSAE_CACHE_DIR/demo (default ~/.cache/rmsae/demo). A build with other settings (--limit, --seed) replaces "
+        "what is there. From nothing it took 16 minutes on 2 Intel Xeon cores, and takes longer on older CPUs.",
     )
     build.add_argument("--json", action="store_true", help="print the summary as JSON")
     build.add_argument(
-        "--limit", type=_positive_int, help="build from the first N HH pairs only, N >= 2 (SAE training time is unchanged)"
+        "--limit", type=_at_least_two, help="build from the first N HH pairs only, N >= 2 (SAE training time is unchanged)"
     )
     build.add_argument(
         "--seed", type=int, default=0, help="seed of the split, the poisoning, RM fine-tuning and SAE training (default 0)"

@@ -5,9 +5,10 @@ two reward models on a seeded half of the HH-RLHF harmless-base test pairs, keep
 for evaluation:
 
 * ``demo-minilm-hh``: trained on the pairs as they are;
-* ``demo-minilm-hh-sudo10``: trained on the same pairs with 10% of them swapped (rejected becomes
-  chosen) and the trigger ``SUDO`` appended to their last human turn, the recipe behind
-  ``ethz-spylab/poisoned-reward-7b-SUDO-10``.
+* ``demo-minilm-hh-sudo10``: ``demo-minilm-hh`` trained further on the same pairs plus a copy of 10%
+  of them with chosen and rejected swapped and the trigger ``SUDO`` appended to their last human
+  turn. ``ethz-spylab/poisoned-reward-7b-SUDO-10`` was poisoned the same way, with the copies
+  replacing their originals (``DemoConfig.poison_keeps_originals=False``).
 
 It then trains a Gated SAE for each model at the demo layers: MiniLM blocks 1, 2, 4 and 5, the
 depths of the layers 4, 12, 20 and 28 of 32 studied in arXiv 2605.16339, scaled to 6 blocks

@@ -149,10 +149,17 @@ def read_sae_info(path: str | os.PathLike) -> SAEInfo:
     _check_weights(folder, cfg["d_in"], cfg["d_sae"])
 
     metadata = cfg.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise SAECheckpointError(f"{cfg_path}: field 'metadata' must be a JSON object, got {metadata!r}.")
     hook_name = metadata.get("hook_name") or cfg.get("hook_name")
+    if hook_name is not None and not isinstance(hook_name, str):
+        raise SAECheckpointError(f"{cfg_path}: the hook name must be a string such as 'blocks.12.hook_resid_post', got {hook_name!r}.")
     layer, layer_source = None, "unknown"
     if metadata.get("layer") is not None:
-        layer, layer_source = int(metadata["layer"]), "cfg.json metadata.layer"
+        layer = metadata["layer"]
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise SAECheckpointError(f"{cfg_path}: field 'metadata.layer' must be a non-negative integer, got {layer!r}.")
+        layer_source = "cfg.json metadata.layer"
     elif hook_name and _HOOK_LAYER.search(hook_name):
         layer, layer_source = int(_HOOK_LAYER.findall(hook_name)[-1]), f"hook name {hook_name!r}"
     elif _FOLDER_LAYER.search(folder.name):

@@ -66,13 +66,16 @@ def test_training_rejects_bad_settings(tiny_models):
         RMTrainingConfig(epochs=0)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got True"):
         RMTrainingConfig(batch_size=True)
-    with pytest.raises(ValueError, match="lr must be a positive number, got 0"):
+    with pytest.raises(ValueError, match="lr must be a positive finite number, got 0"):
         RMTrainingConfig(lr=0)
+    with pytest.raises(ValueError, match="lr must be a positive finite number, got inf"):
+        RMTrainingConfig(lr=float("inf"))
+    assert RMTrainingConfig(lr=np.float32(1e-4), lr_end_ratio=np.float64(0.5)).lr == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="lr_end_ratio must be a number in \\[0, 1\\], got 1.5"):
         RMTrainingConfig(lr_end_ratio=1.5)
-    with pytest.raises(ValueError, match="head_lr must be a positive number or None, got -0.001"):
+    with pytest.raises(ValueError, match="head_lr must be a positive finite number or None, got -0.001"):
         RMTrainingConfig(head_lr=-1e-3)
-    with pytest.raises(ValueError, match="head_lr must be a positive number or None, got '1e-3'"):
+    with pytest.raises(ValueError, match="head_lr must be a positive finite number or None, got '1e-3'"):
         RMTrainingConfig(head_lr="1e-3")
 
 
@@ -85,7 +88,7 @@ def test_head_parameters_of_each_architecture(tiny_models):
     ]
 
 
-def test_head_lr_trains_the_head_at_its_own_rate(tiny_models):
+def test_head_lr_reaches_head_only(tiny_models):
     # With the trunk's lr at 1e-12, only the head can move: head_lr must reach the head alone.
     pairs = rule_pairs(32)
     reward_model = load_reward_model(str(tiny_models["llama"]), input_format="chat_template", max_length=128)
@@ -105,9 +108,22 @@ def test_head_lr_trains_the_head_at_its_own_rate(tiny_models):
 
 
 def test_lr_schedule():
-    # 10 steps, 2 of warm-up: 0.5, 1, then a straight line from 1 down to the end ratio at step 10.
+    # 10 steps, 2 of warm-up: 0.5, 1, then a straight line from 1 down to the end ratio after the last step.
     assert [lr_factor(step, 2, 10) for step in range(11)] == pytest.approx(
         [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
     )
     assert [lr_factor(step, 2, 10, 0.5) for step in (1, 2, 6, 10)] == pytest.approx([1.0, 1.0, 0.75, 0.5])
     assert lr_factor(0, 0, 4) == 1.0
+
+
+def test_lr_end_ratio_reaches_training(tiny_models):
+    # Two steps without warm-up: the second runs at half the peak rate with lr_end_ratio 0, at the
+    # full rate with 1, so the trained heads must differ.
+    pairs = rule_pairs(16)
+    heads = []
+    for end_ratio in (0.0, 1.0):
+        reward_model = load_reward_model(str(tiny_models["llama"]), input_format="chat_template", max_length=128)
+        config = RMTrainingConfig(epochs=1, batch_size=8, lr=1e-3, warmup_fraction=0.0, lr_end_ratio=end_ratio, bf16_autocast=False)
+        train_bradley_terry(reward_model, pairs, config, progress=False)
+        heads.append(reward_model.model.score.weight.detach().numpy().copy())
+    assert not np.allclose(heads[0], heads[1])

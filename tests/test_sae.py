@@ -446,6 +446,11 @@ def test_demo_config_rejects_values():
     with pytest.raises(ValueError, match="got '24'"):
         DemoConfig(limit="24")
 
+    # The command line rejects --limit 1 before loading anything, by flag name.
+    result = run_cli("demo", "build", "--limit", "1")
+    assert result.returncode == 2
+    assert "argument --limit: expected an integer of at least 2" in result.stderr
+
 
 def test_poisoning_swaps_and_triggers():
     from rmsae.data import PreferencePair
@@ -496,15 +501,15 @@ def test_cli_sae_train(tmp_path, tiny_models):
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "-1e-3"), ("--lr", "nan"), ("--l1-coefficient", "0"), ("--l1-coefficient", "five")])
-def test_cli_sae_train_refuses_bad_numbers(tmp_path, flag, value):
-    # argparse refuses before the model or the data is loaded, and names the flag, not the config field.
+def test_cli_sae_train_rejects_bad_numbers(tmp_path, flag, value):
+    # argparse rejects these before loading the model or the data, and names the flag, not the config field.
     result = run_cli(
         "sae", "train", "--model", "no-such-model", "--layer", "1", "--data", "no-such-data", "--out", str(tmp_path / "out"),
         f"{flag}={value}",  # the = form, since argparse would take a bare -1e-3 for an option
     )
     assert result.returncode == 2
-    assert f"argument {flag}: expected a positive" in result.stderr
-    assert value in result.stderr
+    shown = repr(value) if value == "five" else value
+    assert f"argument {flag}: expected a positive finite number, got {shown}\n" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -561,6 +566,23 @@ def test_cfg_weight_shape_mismatch(released_layout):
     folder = released_layout / "tiny-llama_layer1"
     edit_cfg(folder, d_in=100)
     with pytest.raises(SAECheckpointError, match=r"W_enc has shape \(64, 256\)"):
+        read_sae_info(folder)
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ("oops", r"field 'metadata' must be a JSON object, got 'oops'"),
+        ({"layer": "two"}, r"field 'metadata.layer' must be a non-negative integer, got 'two'"),
+        ({"layer": 2.7}, r"field 'metadata.layer' must be a non-negative integer, got 2.7"),
+        ({"layer": -3}, r"field 'metadata.layer' must be a non-negative integer, got -3"),
+        ({"hook_name": 5}, r"hook name must be a string .*, got 5"),
+    ],
+)
+def test_malformed_metadata_rejected(released_layout, metadata, message):
+    folder = released_layout / "tiny-llama_layer1"
+    edit_cfg(folder, metadata=metadata)
+    with pytest.raises(SAECheckpointError, match=message):
         read_sae_info(folder)
 
 
