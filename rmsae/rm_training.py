@@ -78,7 +78,7 @@ class RMTrainingConfig:
 
 
 def head_parameter_names(model: torch.nn.Module) -> list[str]:
-    """Names of the reward head's parameters: those outside the trunk (``base_model_prefix``), and a pooler."""
+    """Return the names of the reward head's parameters: those outside the trunk (``base_model_prefix``), and a pooler."""
     trunk = getattr(model, "base_model_prefix", "")
     if not trunk:
         return []
@@ -137,6 +137,12 @@ def train_bradley_terry(
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(config.warmup_fraction * total_steps)
 
+    # Checked before freezing anything, so that the error leaves the model as it was.
+    if config.head_lr is not None and not head_parameter_names(model):
+        raise ValueError(
+            f"head_lr={config.head_lr} was given, but {type(model).__name__} has no parameters outside its trunk "
+            f"({getattr(model, 'base_model_prefix', '')!r}); leave head_lr as None."
+        )
     if config.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -149,11 +155,6 @@ def train_bradley_terry(
             {"params": [parameter for name, parameter in named if name not in head_names]},
             {"params": [parameter for name, parameter in named if name in head_names], "lr": config.head_lr},
         ]
-        if not groups[1]["params"]:
-            raise ValueError(
-                f"head_lr={config.head_lr} was given, but {type(model).__name__} has no trainable parameters outside "
-                f"its trunk ({getattr(model, 'base_model_prefix', '')!r}); leave head_lr as None."
-            )
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, config.lr_end_ratio))
     pad_id = reward_model.tokenizer.pad_token_id

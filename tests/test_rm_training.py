@@ -127,3 +127,13 @@ def test_lr_end_ratio_reaches_training(tiny_models):
         train_bradley_terry(reward_model, pairs, config, progress=False)
         heads.append(reward_model.model.score.weight.detach().numpy().copy())
     assert not np.allclose(heads[0], heads[1])
+
+
+def test_head_lr_without_head_rejected(tiny_models, monkeypatch):
+    reward_model = load_reward_model(str(tiny_models["llama"]), input_format="chat_template", max_length=128)
+    # A model whose trunk prefix is unknown has no parameters that head_lr could name.
+    monkeypatch.setattr(type(reward_model.model), "base_model_prefix", "")
+    config = RMTrainingConfig(epochs=1, batch_size=8, head_lr=1e-3, freeze_embeddings=True, bf16_autocast=False)
+    with pytest.raises(ValueError, match="head_lr=0.001 was given, but .* has no parameters outside its trunk"):
+        train_bradley_terry(reward_model, rule_pairs(8), config, progress=False)
+    assert reward_model.model.get_input_embeddings().weight.requires_grad
