@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -32,7 +33,7 @@ def _positive_float(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}") from None
     # `not value > 0` also rejects nan.
-    if not value > 0 or value == float("inf"):
+    if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
 

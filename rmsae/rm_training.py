@@ -138,19 +138,19 @@ def train_bradley_terry(
     warmup_steps = int(config.warmup_fraction * total_steps)
 
     # Checked before freezing anything, so that the error leaves the model as it was.
-    if config.head_lr is not None and not head_parameter_names(model):
+    head_names = set(head_parameter_names(model)) if config.head_lr is not None else set()
+    if config.head_lr is not None and not head_names:
         raise ValueError(
             f"head_lr={config.head_lr} was given, but {type(model).__name__} has no parameters outside its trunk "
             f"({getattr(model, 'base_model_prefix', '')!r}); leave head_lr as None."
         )
     if config.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    trainable = [parameter for _, parameter in named]
     if config.head_lr is None:
         groups = [{"params": trainable}]
     else:
-        head_names = set(head_parameter_names(model))
-        named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
         groups = [
             {"params": [parameter for name, parameter in named if name not in head_names]},
             {"params": [parameter for name, parameter in named if name in head_names], "lr": config.head_lr},

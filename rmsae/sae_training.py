@@ -171,8 +171,9 @@ def sae_fidelity(loaded, activations: torch.Tensor, *, batch_size: int = 4096, r
 
     Returns explained variance (1 - residual sum of squares / total sum of squares around the mean
     vector), mean L0 (active latents per token), the dead-latent fraction (latents never active on
-    these tokens), the mean squared error per token and the number of tokens (``eval_tokens``). With ``return_density``, returns
-    ``(metrics, density)``, where ``density`` (d_sae,) is the fraction of tokens on which each latent fires.
+    these tokens), the mean squared error per token and the number of tokens (``eval_tokens``).
+    With ``return_density``, returns ``(metrics, density)``, where ``density`` (d_sae,) is the
+    fraction of tokens on which each latent fires.
     """
     if len(activations) == 0:
         raise ValueError("sae_fidelity needs at least one activation vector.")

@@ -508,8 +508,8 @@ def test_cli_sae_train_rejects_bad_numbers(tmp_path, flag, value):
         f"{flag}={value}",  # the = form, since argparse would take a bare -1e-3 for an option
     )
     assert result.returncode == 2
-    shown = repr(value) if value == "five" else value
-    assert f"argument {flag}: expected a positive finite number, got {shown}\n" in result.stderr
+    quoted_value = repr(value) if value == "five" else value  # text that is not a number is quoted
+    assert f"argument {flag}: expected a positive finite number, got {quoted_value}\n" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
